@@ -1,0 +1,43 @@
+# palmrl — `make demo` (install + the whole pipeline on the embedded data) and `make test`.
+# GPU users bring their own torch build: make install TORCH_SPEC="torch==2.5.1" TORCH_INDEX=https://download.pytorch.org/whl/cu124
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+# DeepSpeed JIT-builds its C++ ops once; keep them in the venv so a fresh venv rebuilds them
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so nothing below can pull a multi-GB CUDA build
+	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -c "import torch; print(f'torch {torch.__version__}')" > $(VENV)/torch-version.txt
+	echo "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/palmrl pipeline
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/python -m compileall -q palmrl scripts tests
+	$(BIN)/python -m palmrl --help > /dev/null
+
+bench: install
+	$(BIN)/python scripts/bench_train.py
+	test ! -f scripts/bench_ppo.py || $(BIN)/python scripts/bench_ppo.py
+
+clean:
+	rm -rf runs outputs multirun wandb .pytest_cache

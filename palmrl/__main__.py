@@ -1,0 +1,5 @@
+"""`python -m palmrl` (and `torchrun -m palmrl`, `deepspeed -m palmrl`) run the CLI."""
+
+from palmrl.cli import main
+
+main()

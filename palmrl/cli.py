@@ -1,0 +1,124 @@
+"""`palmrl <stage> [hydra overrides]`: pick configs/<stage>.yaml, compose it with Hydra, run the stage.
+
+The stage table below is the whole CLI (as in litgpt's `__main__`); a test checks that it matches
+the stage configs in configs/. Launcher arguments (`--local_rank=N` from the deepspeed launcher)
+are taken out of argv before Hydra sees them, and user mistakes end with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from palmrl.errors import UserError
+
+# stage name -> (module with run(cfg), one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "tokenizer": ("palmrl.stages.tokenizer", "train a sentencepiece tokenizer on a data source"),
+    "pretrain": ("palmrl.stages.pretrain", "pretrain a PaLM language model on raw text"),
+    "sft": ("palmrl.stages.sft", "supervised fine-tuning on instructions (LoRA or full), scored by the task checker"),
+    "reward": ("palmrl.stages.reward", "train a reward model on preference pairs (Bradley-Terry) or ratings (binned)"),
+    "ppo": ("palmrl.stages.ppo", "RLHF with PPO: KL to the SFT reference, GAE, clipped losses, adaptive KL"),
+    "sample": ("palmrl.stages.sample", "generate from any checkpoint (best-of-n with a reward model)"),
+    "selfinstruct": ("palmrl.stages.selfinstruct", "grow seed examples into an instruction set (local or OpenAI-compatible generator)"),
+    "dedup": ("palmrl.stages.dedup", "remove exact and near-duplicate records, filter bad ones, report what went"),
+    "serve": ("palmrl.stages.serve", "OpenAI-compatible HTTP server over a checkpoint (completions, chat, streaming)"),
+}
+
+CONFIG_DIR = Path(os.environ.get("PALMRL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = [
+        "usage: palmrl <stage> [key=value ...] [--multirun] [--cfg job] [--help]",
+        "",
+        "stages:",
+        *(f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()),
+        "",
+        "Every stage reads configs/<stage>.yaml; override any key on the command line",
+        "(model=palm_small optim.lr=3e-4 zero=stage2). `palmrl <stage> --help` lists its config.",
+    ]
+    return "\n".join(lines)
+
+
+def stage_runner(stage: str) -> Callable:
+    module_name, _ = STAGES[stage]
+    return importlib.import_module(module_name).run
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local_rank N` that the deepspeed launcher appends; keep it in the env."""
+    kept, skip_next = [], False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"palmrl: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _hydra_error_line(err: BaseException) -> str:
+    """Hydra's composition errors are multi-line and sometimes empty with the reason in their cause;
+    keep the first line that says something."""
+    seen: BaseException | None = err
+    while seen is not None:
+        lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+        if lines:
+            return lines[0]
+        seen = seen.__cause__ or seen.__context__
+    return type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        _fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
+    if not (CONFIG_DIR / f"{stage}.yaml").is_file():
+        _fail(f"no config for stage '{stage}' in {CONFIG_DIR} (set PALMRL_CONFIG_DIR)")
+
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def task(cfg):
+        from palmrl.runtime import run_stage
+
+        return run_stage(stage, cfg, stage_runner(stage))
+
+    sys.argv = [f"palmrl-{stage}", *overrides]
+    entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=stage)(task)
+    try:
+        # Hydra prints and exits by itself on composition errors unless HYDRA_FULL_ERROR is set;
+        # we let it raise so the error becomes one line with exit code 2.
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        entry()
+    except UserError as err:
+        _fail(str(err), err.exit_code)
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(_hydra_error_line(err))
+    except KeyboardInterrupt:
+        print("palmrl: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

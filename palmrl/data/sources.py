@@ -1,0 +1,244 @@
+"""Every data source through one door: the embedded corpus, local files, Hugging Face datasets.
+
+A data config (configs/data/*.yaml, or any Mapping) says where the documents are:
+
+    source: embedded        # embedded | local | hf
+    name: chitchat          # embedded corpus name, or the HF dataset name for source=hf
+    path: null              # local file, glob, folder, or a list of them: .txt .json .jsonl .parquet
+    hf_config: null         # HF dataset configuration name
+    split: train            # HF split (local files are one split)
+    streaming: false        # read lazily instead of converting to Arrow first (the Pile: true)
+    text_field: text        # the record field holding the document
+    max_documents: null     # stop after this many records (null: all)
+    sample_by: paragraph    # .txt files only: a document per line | paragraph | document (file)
+
+Local files and HF datasets are read by `datasets.load_dataset`, streaming or not, one local file
+at a time so that every error names its file. A malformed JSON line is found by re-reading the
+file when `datasets` fails (its own error gives neither file nor line), so valid files pay nothing.
+No network is touched for local and embedded sources: the json/text/parquet builders are packaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import itertools
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import datasets
+
+from palmrl.data import embedded
+from palmrl.errors import UserError
+
+# the json builder logs "Failed to load JSON ..." before raising; we raise a better error instead
+logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+
+FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # extension -> builder
+DEFAULTS: dict[str, Any] = {
+    "source": "embedded",  # works offline out of the box
+    "name": None,  # source=embedded reads None as "chitchat", the corpus shipped with the package
+    "path": None,
+    "hf_config": None,
+    "split": "train",
+    "streaming": False,  # Arrow conversion is faster to re-read; stream only what can't fit on disk
+    "text_field": "text",  # the field name of the Pile, C4, OpenWebText and `datasets` text files
+    "max_documents": None,
+    "sample_by": "paragraph",  # .txt: blank-line separated paragraphs are documents, as in prose dumps
+}
+
+
+def load_records(data_cfg: Mapping) -> Iterator[dict]:
+    """Records of the configured source as plain dicts, in a deterministic order."""
+    for _origin, record in _records_with_origin(data_cfg):
+        yield record
+
+
+def load_texts(data_cfg: Mapping) -> Iterator[str]:
+    """Documents (the `text_field` of each record), empty ones skipped; UserError if none."""
+    field = _get(data_cfg, "text_field")
+    count = 0
+    for index, (origin, record) in enumerate(_records_with_origin(data_cfg)):
+        if field not in record:
+            fields = ", ".join(sorted(record)) or "none"
+            raise UserError(f"data.text_field={field!r} is not a field of {origin} (its fields: {fields})")
+        text = record[field]
+        if not isinstance(text, str):
+            raise UserError(f"{origin}: record {index} has no text in data.text_field={field!r} (got {type(text).__name__})")
+        if text:
+            count += 1
+            yield text
+    if count == 0:
+        raise UserError(f"the corpus {describe(data_cfg)} holds no text in data.text_field={field!r}")
+
+
+def source_fingerprint(data_cfg: Mapping) -> str:
+    """A stable id of the documents the config yields, for caching token shards.
+
+    Local files count by path, size and modification time (cheap, and any edit changes it); HF
+    datasets by name, config and split; embedded corpora by package and rendering version.
+    """
+    source = _get(data_cfg, "source")
+    identity: dict[str, Any] = {
+        "source": source,
+        "text_field": _get(data_cfg, "text_field"),
+        "max_documents": _get(data_cfg, "max_documents"),
+    }
+    if source == "embedded":
+        identity["corpus"] = embedded.embedded_version(_embedded_name(data_cfg))
+    elif source == "local":
+        identity["sample_by"] = _get(data_cfg, "sample_by")
+        identity["files"] = [
+            [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in resolve_paths(data_cfg)
+        ]
+    elif source == "hf":
+        identity.update(name=_get(data_cfg, "name"), hf_config=_get(data_cfg, "hf_config"), split=_get(data_cfg, "split"))
+    else:
+        _unknown_source(source)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def describe(data_cfg: Mapping) -> str:
+    """A short human name of the source, for messages: "local:corpus/*.jsonl"."""
+    source = _get(data_cfg, "source")
+    detail = {"local": _get(data_cfg, "path"), "embedded": _embedded_name(data_cfg)}.get(source, _get(data_cfg, "name"))
+    if isinstance(detail, Sequence) and not isinstance(detail, str):
+        detail = ",".join(str(d) for d in detail)
+    return f"{source}:{detail}"
+
+
+def resolve_paths(data_cfg: Mapping) -> list[Path]:
+    """The files `data.path` names: files, globs (** allowed) and folders (their .txt .json .jsonl
+    .parquet files, recursively), sorted, deduplicated."""
+    value = _get(data_cfg, "path")
+    if value is None or value == "" or value == []:
+        raise UserError("data.path is not set; source=local needs a file, glob or folder")
+    entries = [value] if isinstance(value, (str, Path)) else list(value)
+    paths: list[Path] = []
+    for entry in entries:
+        entry = str(Path(str(entry)).expanduser())
+        if any(c in entry for c in "*?["):  # a glob pattern
+            matches = [Path(m) for m in sorted(glob.glob(entry, recursive=True)) if Path(m).is_file()]
+        elif Path(entry).is_dir():
+            matches = sorted(
+                p for p in Path(entry).rglob("*")
+                if p.is_file() and p.suffix in FORMATS and not any(part.startswith(".") for part in p.relative_to(entry).parts)
+            )  # hidden files and folders (.cache, .git) are not data
+        elif Path(entry).is_file():
+            matches = [Path(entry)]
+        else:
+            matches = []
+        if not matches:
+            raise UserError(f"data.path={entry!r} matches no file")
+        for path in matches:
+            if path.suffix not in FORMATS:
+                raise UserError(f"data.path: {path} has an unsupported extension; use one of {', '.join(FORMATS)}")
+        paths.extend(matches)
+    return list(dict.fromkeys(paths))  # keep the first occurrence of each file
+
+
+def _records_with_origin(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
+    """(where it came from, record) pairs: the origin names the file or dataset in errors."""
+    source = _get(data_cfg, "source")
+    if source == "embedded":
+        records = _embedded_records(_embedded_name(data_cfg))
+    elif source == "local":
+        records = _local_records(resolve_paths(data_cfg), _get(data_cfg, "streaming"), _get(data_cfg, "sample_by"))
+    elif source == "hf":
+        records = _hf_records(data_cfg)
+    else:
+        _unknown_source(source)
+    limit = _get(data_cfg, "max_documents")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise UserError(f"data.max_documents={limit!r} must be a positive integer or null")
+    yield from itertools.islice(records, limit)
+
+
+def _embedded_records(name: str) -> Iterator[tuple[str, dict]]:
+    # in-memory Arrow table: the same record types as the other sources, nothing written to disk
+    table = datasets.Dataset.from_list(list(embedded.embedded_records(name)))
+    for record in table:
+        yield f"embedded corpus {name!r}", record
+
+
+def _local_records(paths: list[Path], streaming: bool, sample_by: str) -> Iterator[tuple[str, dict]]:
+    if sample_by not in ("line", "paragraph", "document"):
+        raise UserError(f"data.sample_by={sample_by!r} is unknown; use line, paragraph or document")
+    for path in paths:
+        builder = FORMATS[path.suffix]
+        options = {"sample_by": sample_by} if builder == "text" else {}
+        try:
+            with _quiet_datasets():
+                table = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **options)
+            for record in table:  # streaming reads (and fails) here, not in load_dataset
+                yield str(path), record
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
+            if builder != "json":
+                raise
+            bad_line = find_malformed_json(path)
+            if bad_line is None:
+                raise
+            raise UserError(bad_line) from exc
+
+
+def _hf_records(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
+    name = _get(data_cfg, "name")
+    if not name:
+        raise UserError("data.name is not set; source=hf needs a Hugging Face dataset name")
+    try:
+        with _quiet_datasets():
+            table = datasets.load_dataset(
+                name, _get(data_cfg, "hf_config"), split=_get(data_cfg, "split"), streaming=_get(data_cfg, "streaming")
+            )
+    except (ConnectionError, FileNotFoundError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"data.name={name!r}: could not load the Hugging Face dataset ({reason})") from exc
+    for record in table:
+        yield f"HF dataset {name!r}", record
+
+
+def find_malformed_json(path: Path) -> str | None:
+    """"file:line: message" for the first malformed line of a JSON or JSON-lines file, else None."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON document (an array of records)
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"{path}:{exc.lineno}: malformed JSON ({exc.msg})"
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"{path}:{number}: malformed JSON line ({exc.msg})"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide `datasets`' "Generating train split" bars while it reads; restore them after."""
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _get(data_cfg: Mapping, key: str) -> Any:
+    value = data_cfg.get(key, DEFAULTS[key])
+    return DEFAULTS[key] if value is None and key in ("source", "split", "text_field", "sample_by") else value
+
+
+def _embedded_name(data_cfg: Mapping) -> str:
+    return _get(data_cfg, "name") or embedded.EMBEDDED_CORPORA[0]
+
+
+def _unknown_source(source: Any) -> None:
+    raise UserError(f"data.source={source!r} is unknown; use embedded, local or hf")

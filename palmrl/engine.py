@@ -1,0 +1,323 @@
+"""DeepSpeed setup from the `zero=`/`optim=` groups, and the one training loop every stage runs.
+
+`Trainer` owns the DeepSpeed engine and the loop around a stage's `step_fn(step) -> metrics`:
+logging, periodic evaluation, checkpoints (DeepSpeed state for exact resume + a consolidated,
+self-describing folder for the next stage), `resume=auto`, and the final summary. A stage only
+says how one optimizer step looks (its loss, its data) and what its weights are.
+
+Exact resume rests on two things: data order is a pure function of the step (see data/tokens.py),
+and the RNG states travel in DeepSpeed's client state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from palmrl import checkpoint
+from palmrl.errors import TrainingDiverged, UserError
+from palmrl.runtime import Dist
+from palmrl.tracking import Tracker
+
+DS_DIR = "deepspeed"
+
+
+def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = None) -> dict:
+    """The DeepSpeed config dict: batch sizes from `train`, ZeRO from `zero`, optimizer from `optim`.
+
+    `optimizer_steps` is the schedule length when a loop step makes several optimizer steps (PPO).
+    """
+    train, optim = cfg.train, cfg.optim
+    micro, accum = int(train.micro_batch_size), int(train.grad_accum)
+    for key, value in (("train.micro_batch_size", micro), ("train.grad_accum", accum), ("train.max_steps", train.max_steps)):
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 is not supported on CPU)")
+    zero = OmegaConf.to_container(cfg.zero, resolve=True)
+    if zero.get("stage") not in (0, 1, 2, 3):
+        raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {zero.get('stage')}")
+    total = int(optimizer_steps or train.max_steps)
+    warmup = min(int(optim.warmup_steps), max(0, total - 1))
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(optim.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": float(optim.lr), "betas": list(optim.betas), "eps": float(optim.eps),
+                       "weight_decay": float(optim.weight_decay), "torch_adam": bool(optim.torch_adam)},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": total, "warmup_num_steps": warmup,
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": float(optim.min_lr_ratio),
+                       "warmup_type": "linear"},
+        },
+        "steps_per_print": 10**9,  # palmrl logs itself
+        "wall_clock_breakdown": False,
+    }
+    if zero.get("offload_optimizer") and optim.torch_adam:
+        config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: no C++ build
+    return config
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms (1-D) never decay. Frozen parameters are left out entirely."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise UserError("nothing to train: every parameter is frozen")
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def gather_state_dict(engine, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the (possibly ZeRO-3 partitioned) module, on rank 0; {} on other ranks.
+
+    Every rank must call this (ZeRO-3 gathers collectively). Tied parameters appear once.
+    """
+    module = module if module is not None else engine.module
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    zero3 = engine is not None and engine.zero_optimization_stage() == 3
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if zero3 and hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if rank == 0:
+                    state[name] = param.data.detach().float().cpu().clone()
+        elif rank == 0:
+            state[name] = param.detach().float().cpu().clone()
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"], 0, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One DeepSpeed engine plus the loop: step → log → eval → checkpoint, with exact resume.
+
+    Stage hooks:
+      step_fn(step) -> dict        one optimizer step (all micro-batches); returns scalar metrics
+      eval_fn() -> dict            validation metrics (every rank calls it; must agree across ranks)
+      export_fn(state) -> (weights, adapters)   split the gathered state into the checkpoint files
+      stage_state / load_stage_state           extra resumable state (KL controller, ...)
+    """
+
+    def __init__(self, cfg: DictConfig, dist_info: Dist, module: nn.Module, *, stage: str,
+                 model_config: Mapping, tokenizer, parent: checkpoint.Checkpoint | None = None,
+                 tokens_per_step: int = 0, optimizer_steps: int | None = None):
+        self.cfg, self.dist, self.stage = cfg, dist_info, stage
+        self.out_dir = Path(cfg.out_dir)
+        self.model_config, self.tokenizer, self.parent = dict(model_config), tokenizer, parent
+        self.tokens_per_step = tokens_per_step
+        self.max_steps = int(cfg.train.max_steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self.stage_state: Callable[[], dict] = dict
+        self.load_stage_state: Callable[[dict], None] = lambda state: None
+        self.export_fn: Callable[[dict], tuple[dict, dict]] = lambda state: (state, {})
+        self.final_metrics: dict[str, Any] = {}
+        self.manifest_extra: dict[str, Any] = {}  # stage facts for the manifest (LoRA scopes, heads, ...)
+
+        self._check_out_dir()
+        config = ds_config(cfg, dist_info.world_size, optimizer_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, float(cfg.optim.weight_decay)), config=config)
+        self.tracker = Tracker(self.out_dir, enabled=dist_info.is_main, total_steps=self.max_steps, stage=stage,
+                               logger_cfg=cfg.get("logger"), config=OmegaConf.to_container(cfg, resolve=True))
+        self.train_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        self.total_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+    # ---- output folder -------------------------------------------------------------------
+    def _check_out_dir(self) -> None:
+        """Never overwrite a previous run: continuing one needs resume=auto, replacing it overwrite=true."""
+        has_run = (self.out_dir / DS_DIR).exists() or (self.out_dir / "final").exists()
+        if has_run and self.cfg.resume is None and not self.cfg.get("overwrite", False):
+            raise UserError(f"{self.out_dir} already holds a {self.stage} run: add resume=auto to continue it, "
+                            f"overwrite=true to replace it, or choose another run_name")
+        if self.dist.is_main:
+            if has_run and self.cfg.resume is None:  # overwrite=true
+                for sub in [DS_DIR, "final", "metrics.jsonl", *[p.name for p in self.out_dir.glob("step-*")]]:
+                    target = self.out_dir / sub
+                    shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.out_dir)
+            (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    # ---- resume --------------------------------------------------------------------------
+    def _resume_tag(self) -> str | None:
+        resume = self.cfg.resume
+        if resume is None:
+            return None
+        if str(resume) == "auto":
+            latest = self.out_dir / DS_DIR / "latest"
+            return latest.read_text().strip() if latest.is_file() else None
+        folder = Path(str(resume))
+        tag = folder.name
+        if not (self.out_dir / DS_DIR / tag).is_dir():
+            raise UserError(f"resume: no DeepSpeed state for '{tag}' in {self.out_dir / DS_DIR}")
+        return tag
+
+    def maybe_resume(self) -> int:
+        tag = self._resume_tag()
+        if tag is None:
+            if self.cfg.resume == "auto" and self.dist.is_main:
+                self.tracker.summary("resume", {"resume": "no checkpoint yet: starting from step 0"})
+            return 0
+        load_path, client = self.engine.load_checkpoint(str(self.out_dir / DS_DIR), tag=tag)
+        if load_path is None:
+            raise UserError(f"resume: could not load DeepSpeed state {self.out_dir / DS_DIR / tag}")
+        self.step = int(client["step"])
+        self.tokens_seen = int(client.get("tokens_seen", 0))
+        _set_rng_state(client["rng"])
+        self.load_stage_state(client.get("stage_state", {}))
+        self.tracker.truncate_after(self.step)
+        if self.dist.is_main:
+            self.tracker.summary("resume", {"from": str(self.out_dir / DS_DIR / tag), "step": self.step})
+        return self.step
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self, *, final: bool = False, metrics: Mapping | None = None) -> Path:
+        tag = checkpoint.step_name(self.step)
+        client = {"step": self.step, "tokens_seen": self.tokens_seen, "rng": _rng_state(),
+                  "stage_state": self.stage_state()}
+        self.engine.save_checkpoint(str(self.out_dir / DS_DIR), tag=tag, client_state=client)
+        state = gather_state_dict(self.engine)
+        folder = self.out_dir / ("final" if final else tag)
+        if self.dist.is_main:
+            weights, adapters = self.export_fn(state)
+            checkpoint.save(folder, stage=self.stage, step=self.step, weights=weights, adapters=adapters,
+                            model_config=self.model_config, tokenizer=self.tokenizer,
+                            config=OmegaConf.to_container(self.cfg, resolve=True),
+                            metrics={**(metrics or {}), "tokens_seen": self.tokens_seen}, parent=self.parent,
+                            extra=self.manifest_extra)
+            checkpoint.prune_steps(self.out_dir, int(self.cfg.train.keep_last))
+            self._prune_ds_tags()
+        self._barrier()
+        return folder
+
+    def _prune_ds_tags(self) -> None:
+        keep = int(self.cfg.train.keep_last)
+        if keep <= 0:
+            return
+        tags = sorted(p for p in (self.out_dir / DS_DIR).glob("step-*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def fit(self, step_fn: Callable[[int], Mapping[str, Any]],
+            eval_fn: Callable[[], Mapping[str, Any]] | None = None,
+            start_rows: Mapping[str, Any] | None = None) -> Path:
+        train = self.cfg.train
+        start = self.maybe_resume()
+        self.tracker.summary(f"palmrl {self.stage}", {
+            "output": str(self.out_dir),
+            "parameters": f"{self.total_params:,} ({self.train_params:,} trainable)",
+            "world size": self.dist.world_size,
+            "ZeRO stage": self.engine.zero_optimization_stage(),
+            "precision": self.cfg.precision,
+            "batch (sequences/step)": self.engine.train_batch_size(),
+            "tokens per step": self.tokens_per_step,
+            "steps": f"{start} → {self.max_steps}",
+            **dict(start_rows or {}),
+        })
+        self.tracker.start(start)
+        self.engine.train()
+        window_t, window_tokens = time.perf_counter(), 0
+        eval_metrics: dict[str, Any] = {}
+        for step in range(start + 1, self.max_steps + 1):
+            self.step = step
+            metrics = dict(step_fn(step))
+            self.tokens_seen += self.tokens_per_step
+            window_tokens += self.tokens_per_step
+            loss = metrics.get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingDiverged(f"{self.stage}: loss became {loss} at step {step}; {self.last_good()} "
+                                       f"(lower optim.lr or raise optim.warmup_steps)")
+            if step % int(train.log_every) == 0 or step == self.max_steps:
+                elapsed = time.perf_counter() - window_t
+                metrics.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else float(self.cfg.optim.lr),
+                               tokens_per_s=window_tokens / max(elapsed, 1e-9))
+                self.tracker.log(step, metrics)
+                window_t, window_tokens = time.perf_counter(), 0
+            else:
+                self.tracker.advance(step)
+            if eval_fn is not None and int(train.eval_every) > 0 and step % int(train.eval_every) == 0 \
+                    and step != self.max_steps:
+                eval_metrics = self.evaluate(eval_fn)
+            stop_here = train.get("stop_after") is not None and step == int(train.stop_after) and step != self.max_steps
+            if (int(train.save_every) > 0 and step % int(train.save_every) == 0 and step != self.max_steps) or stop_here:
+                self.save(metrics=eval_metrics)
+            if stop_here:
+                self.tracker.finish({"stopped at step": step, "continue with": "resume=auto"})
+                return self.out_dir / checkpoint.step_name(step)
+        if eval_fn is not None:
+            eval_metrics = self.evaluate(eval_fn)
+        self.final_metrics = dict(eval_metrics)
+        final = self.save(final=True, metrics=self.final_metrics)
+        self.tracker.finish({"final checkpoint": str(final), "steps": self.step,
+                             "tokens seen": self.tokens_seen, **self.final_metrics})
+        return final
+
+    def last_good(self) -> str:
+        latest = self.out_dir / DS_DIR / "latest"
+        if latest.is_file():
+            return f"last good checkpoint: {self.out_dir / latest.read_text().strip()} (resume=auto continues from it)"
+        return "no checkpoint was written yet"
+
+    def evaluate(self, eval_fn: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+        self.engine.eval()
+        with torch.no_grad():
+            metrics = dict(eval_fn())
+        self.engine.train()
+        self.tracker.log(self.step, metrics, split="val")
+        return metrics
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """One micro-batch: DeepSpeed scales for accumulation and steps the optimizer on the boundary."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder / ".palmrl-write-test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"out_dir: cannot write to {folder}: {err.strerror}") from None

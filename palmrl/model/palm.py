@@ -1,0 +1,370 @@
+"""PaLM: the decoder-only transformer of "PaLM: Scaling Language Modeling with Pathways".
+
+Paper: https://arxiv.org/abs/2204.02311. The architecture follows the paper and lucidrains'
+reference implementation (PaLM-pytorch / PaLM-rlhf-pytorch `palm.py`), all of it in this file:
+
+    bias-free LayerNorm -> rotary embedding (+ optional xPos) -> parallel block
+    (x + attn(LN(x)) + ff(LN(x)), one fused input projection, multi-query attention, SwiGLU)
+    -> PaLM (token embedding, blocks, final LayerNorm, output projection tied to the embedding)
+
+plus a preallocated key/value cache for decoding. No layer has a bias.
+
+Shape letters used in the comments: B batch, T tokens in this call, S key slots (cached + new),
+D model width, H query heads, K key/value heads, G = H // K query heads per key/value head,
+E head width, F feed-forward inner width, V vocabulary.
+
+Batches are LEFT-padded: `attention_mask` (B, T) is True on real tokens. A token's rotary position
+is the number of real tokens before it, and no query attends to a pad key, so a padded sequence
+gets exactly the logits it would get alone.
+
+Speed on CPU: key/value heads are shared by G query heads, so the G heads are folded into the
+query length (B, K, T*G, E) and attention is one batched matmul per key/value head instead of H.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from palmrl.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of a PaLM model; the keys of configs/model/*.yaml are exactly these fields."""
+
+    vocab_size: int = 8192  # must equal the tokenizer's vocabulary size
+    dim: int = 256  # model width D
+    depth: int = 6  # number of parallel blocks
+    heads: int = 8  # query heads H
+    dim_head: int = 32  # width E of each attention head (heads * dim_head need not equal dim)
+    kv_heads: int = 1  # 1 = multi-query attention as in PaLM; == heads gives standard MHA
+    ff_mult: int = 4  # SwiGLU inner width F = ff_mult * dim, as in the paper
+    max_seq_len: int = 256  # longest sequence (prompt + response) the model is used with
+    rotary_base: float = 10000.0  # rotary frequency base from RoFormer
+    xpos: bool = False  # xPos length-extrapolation scaling of rotary (https://arxiv.org/abs/2212.10554)
+    xpos_scale_base: int = 512  # xPos decay length scale, as in the xPos paper
+    qk_norm: bool = False  # RMSNorm on queries and keys per head, for stability at high learning rates
+    init_std: float = 0.02  # std of the normal init of embeddings and projections (GPT-2 / PaLM-style)
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "depth", "heads", "dim_head", "kv_heads", "ff_mult",
+                    "max_seq_len", "xpos_scale_base"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"model.{key} must be a positive integer, got {value!r}")
+        for key in ("rotary_base", "init_std"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise UserError(f"model.{key} must be a positive number, got {value!r}")
+            setattr(self, key, float(value))
+        for key in ("xpos", "qk_norm"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"model.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.heads % self.kv_heads:
+            raise UserError(f"model.kv_heads ({self.kv_heads}) must divide model.heads ({self.heads})")
+        if self.dim_head % 2:
+            raise UserError(f"model.dim_head must be even for rotary embeddings, got {self.dim_head}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelConfig:
+        """Build from a mapping (YAML / DictConfig); an unknown key raises UserError naming it."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise UserError(f"model.{key} is not a model setting (known: {', '.join(sorted(known))})")
+        return cls(**{key: d[key] for key in d})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def ff_inner(self) -> int:
+        return self.ff_mult * self.dim
+
+
+# normalization
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a learned scale and no bias, as in PaLM."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (https://arxiv.org/abs/1910.07467), used per head on queries and keys (qk_norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):  # eps: far below any real mean square
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+
+
+# rotary positional embedding (https://arxiv.org/abs/2104.09864) with optional xPos
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary tables for given positions; xPos adds a per-frequency scale that decays with distance.
+
+    No buffers: the frequencies are recomputed in float32 on each call (a few hundred numbers), so
+    casting the model to bf16 never degrades them and the state dict holds only weights.
+    """
+
+    def __init__(self, dim_head: int, base: float, xpos: bool, xpos_scale_base: int, center: int):
+        super().__init__()
+        self.dim_head, self.base = dim_head, base
+        self.xpos, self.xpos_scale_base = xpos, xpos_scale_base
+        self.center = center  # xPos exponents are taken relative to a fixed position to keep them small
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> RotaryTables:
+        """positions: (B|1, T) long -> cos, sin (B|1, T, 1, E) and the xPos scales (or None)."""
+        half = torch.arange(0, self.dim_head, 2, device=positions.device, dtype=torch.float32)
+        inv_freq = self.base ** (-half / self.dim_head)  # (E/2,)
+        angles = positions.float()[..., None] * inv_freq  # (B|1, T, E/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B|1, T, 1, E)
+        cos, sin = angles.cos(), angles.sin()
+        if not self.xpos:
+            return RotaryTables(cos.to(dtype), sin.to(dtype), None, None)
+
+        # xPos: q is scaled by s**n and k by s**-n, so q.k decays as s**(i - j)
+        scale = (half + 0.4 * self.dim_head) / (1.4 * self.dim_head)  # (E/2,)
+        power = (positions.float() - self.center) / self.xpos_scale_base  # (B|1, T)
+        scale = scale ** power[..., None]  # (B|1, T, E/2)
+        scale = torch.cat((scale, scale), dim=-1)[:, :, None, :]  # (B|1, T, 1, E)
+        return RotaryTables((cos * scale).to(dtype), (sin * scale).to(dtype),
+                            (cos / scale).to(dtype), (sin / scale).to(dtype))
+
+
+class RotaryTables:
+    """cos/sin tables for queries, and for keys when xPos makes them differ."""
+
+    def __init__(self, q_cos: Tensor, q_sin: Tensor, k_cos: Tensor | None, k_sin: Tensor | None):
+        self.q_cos, self.q_sin = q_cos, q_sin
+        self.k_cos = q_cos if k_cos is None else k_cos
+        self.k_sin = q_sin if k_sin is None else k_sin
+
+    def queries(self, q: Tensor) -> Tensor:
+        return q * self.q_cos + rotate_half(q) * self.q_sin
+
+    def keys(self, k: Tensor) -> Tensor:
+        return k * self.k_cos + rotate_half(k) * self.k_sin
+
+
+# key/value cache for decoding
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, plus which slots hold real tokens.
+
+    The first call with a cache writes the (left-padded) prompts into slots [0, P); each later call
+    appends its tokens at `offset`. `lengths` counts each row's real tokens so far: the rotary
+    position of its next real token.
+    """
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], key_mask: Tensor, lengths: Tensor):
+        self.keys = keys  # per layer (B, K, max_len, E)
+        self.values = values  # per layer (B, K, max_len, E)
+        self.key_mask = key_mask  # (B, max_len) bool, True on slots holding real tokens
+        self.lengths = lengths  # (B,) long, real tokens written so far
+        self.offset = 0  # slots written so far (same for every row)
+
+    @property
+    def max_len(self) -> int:
+        return self.key_mask.shape[1]
+
+    def select(self, index: Tensor) -> KVCache:
+        """A new cache holding rows `index` (B',) of this one, e.g. to expand prompts for best-of-n."""
+        cache = KVCache([k.index_select(0, index) for k in self.keys],
+                        [v.index_select(0, index) for v in self.values],
+                        self.key_mask.index_select(0, index), self.lengths.index_select(0, index))
+        cache.offset = self.offset
+        return cache
+
+
+# parallel attention + feed-forward block
+
+
+class ParallelBlock(nn.Module):
+    """x + attn(LN(x)) + ff(LN(x)): one LayerNorm and one fused projection feed both branches."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim_head = config.heads, config.kv_heads, config.dim_head
+        self.split_sizes = (config.heads * config.dim_head, config.kv_heads * config.dim_head,
+                            config.kv_heads * config.dim_head, 2 * config.ff_inner)
+        self.norm = LayerNorm(config.dim)
+        self.fused_proj = nn.Linear(config.dim, sum(self.split_sizes), bias=False)
+        self.attn_out = nn.Linear(config.heads * config.dim_head, config.dim, bias=False)
+        self.ff_out = nn.Linear(config.ff_inner, config.dim, bias=False)
+        self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
+
+    def forward(self, x: Tensor, rotary: RotaryTables, allowed: Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x (B, T, D); allowed (B|1, 1, T*G, S) bool: may query row attend to key slot."""
+        B, T, _ = x.shape
+        H, K, E = self.heads, self.kv_heads, self.dim_head
+        G = H // K
+
+        # one projection for queries, keys, values and the SwiGLU input
+        q, k, v, ff = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
+        q, k, v = q.view(B, T, H, E), k.view(B, T, K, E), v.view(B, T, K, E)
+
+        # optional qk-norm, then rotary positions
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.queries(q), rotary.keys(k)  # (B, T, H, E), (B, T, K, E)
+
+        # keys and values: this call's, or everything cached so far including this call's
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, E)
+        if cache is not None:
+            start, end = cache.offset, cache.offset + T
+            cache.keys[layer][:, :, start:end] = k
+            cache.values[layer][:, :, start:end] = v
+            k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]  # (B, K, S, E)
+
+        # fold the G query heads that share a key/value head into the query length: row t*G + g
+        q = q.view(B, T, K, G, E).transpose(1, 2).reshape(B, K, T * G, E)  # free when K == 1
+        out = attend(q, k, v, allowed)  # (B, K, T*G, E)
+        out = out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
+
+        # SwiGLU feed-forward (https://arxiv.org/abs/2002.05202)
+        ff_in, gate = ff.chunk(2, dim=-1)
+        ff_hidden = F.silu(gate) * ff_in  # (B, T, F)
+
+        return x + self.attn_out(out) + self.ff_out(ff_hidden)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """Softmax attention. q (B, K, L, E), k/v (B, K, S, E), allowed (B|1, 1, L, S) -> (B, K, L, E)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+# the model
+
+
+class PaLM(nn.Module):
+    """PaLM decoder (https://arxiv.org/abs/2204.02311): embedding, parallel blocks, tied output."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.rotary = Rotary(config.dim_head, config.rotary_base, config.xpos,
+                             config.xpos_scale_base, center=config.max_seq_len // 2)
+        self.layers = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
+        self.norm = LayerNorm(config.dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) embeddings and projections; residual outputs scaled by 1/sqrt(2*depth)."""
+        std = self.config.init_std
+        nn.init.normal_(self.token_emb.weight, std=std)
+        for block in self.layers:
+            nn.init.normal_(block.fused_proj.weight, std=std)
+            # GPT-2's residual scaling keeps the residual stream's variance flat with depth
+            nn.init.normal_(block.attn_out.weight, std=std / math.sqrt(2 * self.config.depth))
+            nn.init.normal_(block.ff_out.weight, std=std / math.sqrt(2 * self.config.depth))
+
+    def num_params(self) -> int:
+        """Number of parameters; the tied output projection is counted once (with the embedding)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+        weight = self.token_emb.weight
+        dtype = dtype or weight.dtype
+        device = device or weight.device
+        c = self.config
+        shape = (batch_size, c.kv_heads, max_len, c.dim_head)
+        return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
+                       values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
+                       key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+                       lengths=torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def trunk(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
+              cache: KVCache | None = None) -> Tensor:
+        """tokens (B, T) long -> final-normed hidden states (B, T, D)."""
+        B, T = tokens.shape
+        G = self.config.heads // self.config.kv_heads
+        x = self.token_emb(tokens)  # (B, T, D)
+
+        # positions and the attention pattern, shared by all layers
+        if cache is None and attention_mask is None:
+            positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
+            allowed = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, S)
+            allowed = allowed[None]  # (1, T, S)
+        else:
+            positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
+        allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S)
+        rotary = self.rotary(positions, x.dtype)
+
+        # blocks
+        for i, block in enumerate(self.layers):
+            x = block(x, rotary, allowed, cache, i)
+        if cache is not None:
+            cache.offset += T
+
+        return self.norm(x)  # (B, T, D)
+
+    def _positions_and_pattern(self, tokens: Tensor, attention_mask: Tensor | None,
+                               cache: KVCache | None) -> tuple[Tensor, Tensor]:
+        """Rotary positions (B, T) and allowed (B, T, S) for a padded batch and/or a cache."""
+        B, T = tokens.shape
+        mask = attention_mask
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must match tokens {tuple(tokens.shape)}")
+        mask = mask.bool()
+
+        # a token's position is the number of real tokens before it (pads sit at 0)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        start = 0
+        if cache is not None:
+            start = cache.offset
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
+            positions = positions + cache.lengths[:, None]
+            cache.key_mask[:, start:start + T] = mask
+            cache.lengths += mask.sum(dim=1)
+            key_mask = cache.key_mask[:, :start + T]  # (B, S)
+        else:
+            key_mask = mask
+
+        # causal over slots, real keys only; a pad query may see every earlier key, which keeps
+        # its softmax finite and never reaches a real token
+        S = key_mask.shape[1]
+        query_slot = torch.arange(start, start + T, device=tokens.device)
+        causal = torch.arange(S, device=tokens.device)[None, :] <= query_slot[:, None]  # (T, S)
+        allowed = causal[None] & (key_mask[:, None, :] | ~mask[:, :, None])  # (B, T, S)
+        return positions, allowed
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (B, T, D) -> logits (B, T, V) through the embedding matrix (tied weights)."""
+        return F.linear(hidden, self.token_emb.weight)
+
+    def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """tokens (B, T) long -> logits (B, T, V)."""
+        return self.logits(self.trunk(tokens, attention_mask=attention_mask, cache=cache))

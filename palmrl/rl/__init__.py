@@ -1,0 +1,58 @@
+"""RL math for PPO-based RLHF: pure functions of tensors, no models and no I/O.
+
+Conventions: response tensors are (B, N) with a bool `mask` (B, N), True on real response tokens
+(up to and including EOS) and False on the padding after them; every reduction is over True
+positions only; math is fp32 whatever the input dtype.
+
+  logprobs.py    token_logprobs, entropy_from_logits
+  masked.py      masked_mean, masked_var, masked_whiten, explained_variance
+  kl.py          kl_penalty (k1/k2/k3/abs), AdaptiveKLController, FixedKLController
+  advantages.py  shaped_rewards (InstructGPT per-token KL reward + score), gae
+  losses.py      ppo_policy_loss, ppo_value_loss, reference_variant_loss (lucidrains objective)
+
+A PPO step, as InstructGPT / Huang et al. 2024 (https://arxiv.org/abs/2403.17031) do it:
+  rollout:  shaping = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=ctl.value)
+            adv = gae(shaping.rewards, values, mask, gamma=..., lam=...)
+            advantages = masked_whiten(adv.advantages, mask)
+            ctl.update(shaping.mean_kl.item(), n_steps=batch_size)
+  epochs:   ppo_policy_loss(new_logprobs, logprobs, advantages, mask, clip_eps=...)
+            ppo_value_loss(new_values, values, adv.returns, mask, clip_eps=...)
+            entropy bonus: masked_mean(entropy_from_logits(logits), mask)
+"""
+
+from palmrl.rl.advantages import Advantages, RewardShaping, gae, last_true_index, shaped_rewards
+from palmrl.rl.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
+from palmrl.rl.logprobs import entropy_from_logits, token_logprobs
+from palmrl.rl.losses import (
+    PolicyLoss,
+    ReferenceVariantLoss,
+    ValueLoss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reference_variant_loss,
+)
+from palmrl.rl.masked import explained_variance, masked_mean, masked_var, masked_whiten
+
+__all__ = [
+    "KL_KINDS",
+    "AdaptiveKLController",
+    "Advantages",
+    "FixedKLController",
+    "PolicyLoss",
+    "ReferenceVariantLoss",
+    "RewardShaping",
+    "ValueLoss",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalty",
+    "last_true_index",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "reference_variant_loss",
+    "shaped_rewards",
+    "token_logprobs",
+]

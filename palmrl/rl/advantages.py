@@ -1,0 +1,120 @@
+"""Per-token rewards with a KL penalty, and generalised advantage estimation (GAE).
+
+InstructGPT (https://arxiv.org/abs/2203.02155, eq. 2) maximises
+    r_theta(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)),
+spread over tokens as in lm-human-preferences / TRL / torchtune: every response token gets the
+reward -beta * KL_t, and the reward model's score is added at the row's last real token (the EOS,
+or the last token of a truncated response). GAE is Schulman et al. 2015,
+https://arxiv.org/abs/1506.02438; the episode ends after the last real token, so the value beyond
+it is 0. See Huang et al. 2024, https://arxiv.org/abs/2403.17031, for the details followed here.
+
+Everything returned is detached fp32: rewards, advantages and returns are fixed targets for the
+PPO epochs that follow a rollout.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from palmrl.rl.kl import kl_penalty
+
+
+class RewardShaping(NamedTuple):
+    """Per-token rewards for one rollout batch (all detached fp32)."""
+
+    rewards: Tensor  # (B, N) -kl_coef * kl, plus the score at each row's last real token; 0 on padding
+    kl: Tensor  # (B, N) per-token KL estimate, unscaled; 0 on padding
+    mean_kl: Tensor  # () mean over rows of the per-sequence SUM of `kl` (what the KL target refers to)
+    non_score_reward: Tensor  # (B,) per-sequence sum of -kl_coef * kl
+    scores: Tensor  # (B,) the scores actually added, after `score_clip`
+
+
+class Advantages(NamedTuple):
+    """GAE output (all detached fp32; 0 on padding)."""
+
+    advantages: Tensor  # (B, N) GAE(gamma, lam) advantages, not whitened
+    returns: Tensor  # (B, N) advantages + values: the critic's regression target
+
+
+def last_true_index(mask: Tensor) -> Tensor:
+    """Index of each row's last True position: (B, N) bool -> (B,) long. Every row needs one."""
+    mask = mask.to(torch.bool)
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"response rows {rows} have no real token (mask all False); every response needs >= 1")
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).amax(dim=1)  # (B,)
+
+
+@torch.no_grad()
+def shaped_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    kl_coef: float,
+    kl_kind: str = "k1",  # InstructGPT's per-token log-ratio
+    score_clip: float | None = None,  # None keeps raw scores; a value clips them to [-clip, clip]
+) -> RewardShaping:
+    """Per-token reward = -kl_coef * KL_t, with the (clipped) score at each row's last real token.
+
+    scores (B,) reward-model scores; logprobs / ref_logprobs (B, N) of the sampled response
+    tokens under the policy (at rollout time) and the frozen reference; mask (B, N).
+    """
+    mask = mask.to(torch.bool)
+    if scores.shape != (mask.shape[0],):
+        raise ValueError(f"scores shape {tuple(scores.shape)} should be ({mask.shape[0]},)")
+
+    # per-token KL penalty, zero on padding
+    kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, kl_kind), 0.0)  # (B, N)
+    non_score = -kl_coef * kl  # (B, N)
+
+    # the score lands on the last real token only
+    scores = scores.float()
+    if score_clip is not None:
+        scores = scores.clamp(-score_clip, score_clip)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards = non_score.clone()
+    rewards[rows, last_true_index(mask)] += scores  # (B, N)
+
+    return RewardShaping(
+        rewards=rewards,
+        kl=kl,
+        mean_kl=kl.sum(dim=1).mean(),
+        non_score_reward=non_score.sum(dim=1),
+        scores=scores,
+    )
+
+
+@torch.no_grad()
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> Advantages:
+    """Generalised advantage estimates over response tokens.
+
+    rewards, values (B, N); values[:, t] is the critic's estimate before emitting token t. With
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where
+    V_{t+1} = 0 and A_{t+1} = 0 past the last real token (the episode ends there). Padding is
+    ignored whatever it holds and gets advantage 0 and return 0.
+    """
+    mask = mask.to(torch.bool)
+    rewards = torch.where(mask, rewards.float(), 0.0)
+    values = torch.where(mask, values.float(), 0.0)
+
+    # sweep backwards; a masked step contributes nothing and cuts the recursion
+    batch, length = rewards.shape
+    next_value = torch.zeros(batch, device=rewards.device)
+    next_advantage = torch.zeros(batch, device=rewards.device)
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(length)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = torch.where(mask[:, t], delta + gamma * lam * next_advantage, 0.0)
+        advantages[:, t] = advantage
+        next_value, next_advantage = values[:, t], advantage
+
+    returns = torch.where(mask, advantages + values, 0.0)
+    return Advantages(advantages=advantages, returns=returns)
+

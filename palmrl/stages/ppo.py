@@ -1,0 +1,357 @@
+"""`palmrl ppo`: RLHF with PPO as in InstructGPT (https://arxiv.org/abs/2203.02155) and
+"The N+ implementation details of RLHF with PPO" (Huang et al., 2024).
+
+One iteration: sample responses to a batch of prompts with the KV cache → score them (reward model
+at the last token, or a Python `reward_fn`) → per-token reward = −β·KL(actor ‖ frozen SFT
+reference) plus the score at the last token → GAE → several epochs of clipped policy + value
+updates over minibatches.
+
+Models. With LoRA (the default) one frozen base holds the SFT policy; the actor and critic are
+adapter scopes on it, the reference is the base with no scope, and a LoRA reward model whose base
+is the same SFT checkpoint becomes a third scope: the base sits in memory once. With lora=none the
+actor is fully trained and the reference and critic trunk are separate copies.
+The critic starts from the reward model when it can (critic_init=reward, InstructGPT's choice): its
+scope copies the reward adapters and its value head the reward head; otherwise fresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from palmrl import checkpoint, rl, tasks
+from palmrl.data.chat import as_messages, clean_response, render_prompt
+from palmrl.data.instructions import SFTBatches
+from palmrl.data.preferences import load_prompts
+from palmrl.engine import Trainer
+from palmrl.errors import TrainingDiverged, UserError
+from palmrl.evaluate import task_score
+from palmrl.generate import generate
+from palmrl.model.heads import ScalarHead
+from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, lora_scope, lora_state_dict
+from palmrl.model.palm import PaLM
+from palmrl.reward import RewardModel, last_positions, reward_model_from_checkpoint
+from palmrl.runtime import init_distributed, seed_everything
+from palmrl.stages.common import apply_lora, export_split, policy_from_checkpoint
+
+ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
+
+
+class ActorCritic(nn.Module):
+    """The trainable part of PPO, one DeepSpeed engine: actor logits and critic values in one forward."""
+
+    def __init__(self, palm: PaLM, *, lora: bool, critic_trunk: PaLM | None = None):
+        super().__init__()
+        self.palm = palm                    # the actor (scope `actor` over the frozen base with LoRA)
+        self.lora = lora
+        self.critic_trunk = critic_trunk    # full fine-tuning only: a separate trunk for the critic
+        self.value_head = ScalarHead(palm.config.dim, 1)
+
+    def actor_logits(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        with lora_scope(self.palm, ACTOR if self.lora else None):
+            return self.palm(tokens, attention_mask=attention_mask)  # (B, T, V)
+
+    def values(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        trunk = self.palm if self.lora else self.critic_trunk
+        with lora_scope(trunk, CRITIC if self.lora else None):
+            hidden = trunk.trunk(tokens, attention_mask=attention_mask)  # (B, T, D)
+        return self.value_head(hidden).squeeze(-1).float()  # (B, T)
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.actor_logits(tokens, attention_mask), self.values(tokens, attention_mask)
+
+
+class Rollout(NamedTuple):
+    sequences: Tensor       # (B, P+N) left-padded prompt, response, pad after eos
+    attention_mask: Tensor  # (B, P+N) bool
+    mask: Tensor            # (B, N) bool, response tokens incl. eos
+    logprobs: Tensor        # (B, N) actor log-probs at sampling time
+    ref_logprobs: Tensor    # (B, N) frozen reference log-probs
+    values: Tensor          # (B, N) critic values at sampling time
+    rewards: Tensor         # (B, N) shaped per-token rewards
+    advantages: Tensor      # (B, N) GAE (whitened if configured)
+    returns: Tensor         # (B, N) advantages + values
+    scores: Tensor          # (B,) scores added at the last token (after normalising, penalty, clip)
+
+
+def response_slice(x: Tensor, prompt_length: int) -> Tensor:
+    """Positions whose outputs predict the response tokens: P-1 … P+N-2."""
+    return x[:, prompt_length - 1:-1]
+
+
+def load_reward_fn(path: str) -> Callable[[Sequence[str], Sequence[str]], Sequence[float]]:
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"reward_fn: cannot import '{path}' (expected package.module.function)") from None
+    if not callable(fn):
+        raise UserError(f"reward_fn: '{path}' is not callable")
+    return fn
+
+
+def prompt_text(prompt) -> str:
+    """The last user message: what a reward function or the task checker reads."""
+    return [m["content"] for m in as_messages(prompt) if m["role"] == "user"][-1]
+
+
+def same_base(reward_ckpt: checkpoint.Checkpoint, policy_ckpt: checkpoint.Checkpoint) -> bool:
+    """A LoRA reward model trained on top of the very policy checkpoint PPO starts from."""
+    parent = reward_ckpt.manifest.get("parent") or {}
+    has_lora = bool((reward_ckpt.manifest.get("lora") or {}).get("scopes"))
+    return has_lora and parent.get("sha256") == policy_ckpt.content_hash and \
+        Path(parent.get("path", "")).resolve() == policy_ckpt.path.resolve()
+
+
+def run(cfg: DictConfig) -> Path:
+    dist = init_distributed()
+    seed_everything(int(cfg.seed))
+    p = cfg.ppo
+    if cfg.data.get("kind") != "prompts":
+        raise UserError(f"data: ppo needs prompts (data=prompts|my_prompts), got kind={cfg.data.get('kind')}")
+    if p.variant not in ("standard", "reference"):
+        raise UserError(f"ppo.variant must be standard or reference, got '{p.variant}'")
+    rollout_batch, minibatch = int(p.rollout_batch), int(p.minibatch)
+    if rollout_batch % minibatch:
+        raise UserError(f"ppo.rollout_batch ({rollout_batch}) must be a multiple of ppo.minibatch ({minibatch})")
+
+    # ---- models ----------------------------------------------------------------------------
+    policy_ckpt = checkpoint.load(cfg.policy, key="policy", stages=["sft", "pretrain", "ppo"])
+    tokenizer = policy_ckpt.tokenizer()
+    palm, model_config = policy_from_checkpoint(policy_ckpt)
+    use_lora = int(cfg.lora.rank) > 0
+
+    reward_fn, reward_model, reward_ckpt = None, None, None
+    if cfg.reward_fn:
+        reward_fn = load_reward_fn(cfg.reward_fn)
+    else:
+        reward_ckpt = checkpoint.load(cfg.reward, key="reward", stages=["reward"])
+        if reward_ckpt.manifest.get("tokenizer_sha256") != policy_ckpt.manifest.get("tokenizer_sha256"):
+            raise UserError(f"reward: {reward_ckpt.path} uses a different tokenizer than policy {policy_ckpt.path}")
+    shared_reward = reward_ckpt is not None and use_lora and same_base(reward_ckpt, policy_ckpt)
+
+    lora_spec = apply_lora(palm, cfg.lora, ACTOR)
+    critic_trunk, reference = None, None
+    if use_lora:
+        critic_lora = LoRAConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha), targets=tuple(cfg.lora.targets))
+        add_lora(palm, CRITIC, critic_lora)
+        freeze_except_lora(palm)  # both actor and critic adapters train
+        lora_spec["scopes"][CRITIC] = lora_spec["scopes"][ACTOR]
+    else:
+        reference = copy.deepcopy(palm).eval().requires_grad_(False)
+        critic_trunk = copy.deepcopy(palm)
+    module = ActorCritic(palm, lora=use_lora, critic_trunk=critic_trunk)
+
+    if reward_ckpt is not None:
+        rm = reward_model_from_checkpoint(reward_ckpt)
+        if shared_reward:
+            # the reward adapters become a frozen scope of the shared base; the head stays outside
+            spec = reward_ckpt.manifest["lora"]["scopes"][REWARD]
+            add_lora(palm, REWARD, LoRAConfig(rank=int(spec["rank"]), alpha=float(spec["alpha"]), targets=tuple(spec["targets"])))
+            reward_adapters = {k: v for k, v in lora_state_dict(rm.palm, REWARD).items()}
+            own = dict(palm.named_parameters())
+            with torch.no_grad():
+                for name, tensor in reward_adapters.items():
+                    own[name].copy_(tensor)
+                    own[name].requires_grad_(False)
+            reward_model = RewardModel(palm, objective=rm.objective, num_bins=rm.num_bins)
+            reward_model.reward_head = rm.reward_head
+            reward_model.score_mean, reward_model.score_std = rm.score_mean, rm.score_std
+            del rm
+        else:
+            reward_model = rm
+        reward_model.requires_grad_(False)
+        if str(p.critic_init) == "reward" and rm_is_scalar(reward_model):
+            with torch.no_grad():
+                module.value_head.load_state_dict(reward_model.reward_head.state_dict())
+                if use_lora and shared_reward:
+                    own = dict(palm.named_parameters())
+                    for name, tensor in lora_state_dict(palm, REWARD).items():
+                        own[name.replace(f".{REWARD}", f".{CRITIC}")].copy_(tensor)
+    critic_from = "reward model" if (str(p.critic_init) == "reward" and reward_model is not None
+                                     and rm_is_scalar(reward_model)) else "policy (fresh value head)"
+
+    # ---- data --------------------------------------------------------------------------------
+    prompts = load_prompts(cfg.data, "train")
+    on_tasks = str(cfg.data.get("source")) == "tasks"
+    eval_examples = tasks.make_examples("val", int(cfg.train.eval_examples), seed=int(cfg.seed),
+                                        tasks=cfg.data.get("tasks")) if on_tasks else []
+    max_new = int(p.max_new_tokens)
+    prompt_ids = [render_prompt(tokenizer, as_messages(pr)) for pr in prompts]
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new > model_config.max_seq_len]
+    if too_long:
+        raise UserError(f"data: prompt #{too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; with "
+                        f"ppo.max_new_tokens={max_new} it exceeds model.max_seq_len={model_config.max_seq_len}")
+    order = SFTBatches(prompts, batch_size=rollout_batch, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
+                       rank=dist.rank, world_size=dist.world_size)
+
+    kl_ctl = (rl.AdaptiveKLController(float(p.kl_coef), float(p.kl_target), int(p.kl_horizon))
+              if p.kl_target is not None else rl.FixedKLController(float(p.kl_coef)))
+    updates_per_iter = int(p.epochs) * (rollout_batch // minibatch)
+    trainer = Trainer(cfg, dist, module, stage="ppo", model_config=model_config.to_dict(), tokenizer=tokenizer,
+                      parent=policy_ckpt, tokens_per_step=rollout_batch * dist.world_size * max_new,
+                      optimizer_steps=int(cfg.train.max_steps) * updates_per_iter)
+    trainer.export_fn = export_actor(use_lora)
+    trainer.stage_state = lambda: {"kl_ctl": kl_ctl.state_dict()}
+    trainer.load_stage_state = lambda state: kl_ctl.load_state_dict(state["kl_ctl"]) if "kl_ctl" in state else None
+    actor_lora = {"scopes": {ACTOR: lora_spec["scopes"][ACTOR]}, "active": ACTOR} if use_lora else {}
+    trainer.manifest_extra = {"lora": actor_lora, "ppo": {"reward": str(reward_ckpt.path) if reward_ckpt else None,
+                                                         "reward_fn": cfg.reward_fn, "variant": str(p.variant)}}
+    engine, device = trainer.engine, dist.device
+
+    def reference_logprobs(sequences: Tensor, attention_mask: Tensor, P: int) -> Tensor:
+        if use_lora:
+            with lora_scope(palm, None):
+                logits = palm(sequences, attention_mask=attention_mask)
+        else:
+            logits = reference(sequences, attention_mask=attention_mask)
+        return rl.token_logprobs(response_slice(logits, P), sequences[:, P:])
+
+    def score_responses(batch_prompts, sequences, attention_mask, response_ids, ended) -> tuple[Tensor, list[str]]:
+        texts = [clean_response(tokenizer, ids)[0] for ids in response_ids]
+        if reward_fn is not None:
+            raw = torch.tensor([float(s) for s in reward_fn([prompt_text(x) for x in batch_prompts], texts)])
+        else:
+            with lora_scope(palm, REWARD) if shared_reward else nullcontext():
+                out = reward_model(sequences, last_positions(attention_mask), attention_mask=attention_mask)
+            raw = reward_model.scores(out).float().cpu()
+            if bool(p.normalise_scores):
+                raw = (raw - reward_model.score_mean.cpu()) / reward_model.score_std.cpu().clamp_min(1e-6)
+        if p.missing_eos_penalty is not None:
+            raw = raw + torch.tensor([0.0 if e else float(p.missing_eos_penalty) for e in ended])
+        return raw, texts
+
+    @torch.no_grad()
+    def rollout(step: int) -> tuple[Rollout, dict]:
+        indices = order.indices(step - 1)
+        batch_prompts = [prompts[i] for i in indices]
+        generator = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * 101 + dist.rank)
+        module.eval()
+        with lora_scope(palm, ACTOR if use_lora else None):
+            out = generate(palm, [prompt_ids[i] for i in indices],
+                           max_new_tokens=max_new, temperature=float(p.temperature), top_k=int(p.top_k),
+                           top_p=float(p.top_p), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                           generator=generator)
+        seq, attn, mask, P = out.sequences.to(device), out.attention_mask.to(device), out.response_mask.to(device), out.prompt_length
+        logits, values = engine(seq, attn)
+        logprobs = rl.token_logprobs(response_slice(logits, P), seq[:, P:])
+        values = response_slice(values, P)
+        ref_logprobs = reference_logprobs(seq, attn, P)
+        response_ids = [seq[b, P:][mask[b]].tolist() for b in range(seq.shape[0])]
+        ended = [bool(ids) and ids[-1] == tokenizer.eos_id for ids in response_ids]
+        raw_scores, texts = score_responses(batch_prompts, seq, attn, response_ids, ended)
+        scores = raw_scores.to(device)
+        if p.score_clip is not None:
+            scores = scores.clamp(-float(p.score_clip), float(p.score_clip))
+        shaped = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_ctl.value, kl_kind=str(p.kl_kind))
+        adv = rl.gae(shaped.rewards, values, mask, gamma=float(p.gamma), lam=float(p.lam))
+        advantages = rl.masked_whiten(adv.advantages, mask) if bool(p.whiten_advantages) else adv.advantages
+        module.train()
+        stats = {
+            "reward": raw_scores.mean().item(),
+            "kl": shaped.mean_kl.item(),
+            "kl_coef": kl_ctl.value,
+            "entropy": rl.masked_mean(rl.entropy_from_logits(response_slice(logits, P)), mask).item(),
+            "response_tokens": mask.sum(1).float().mean().item(),
+            "eos_rate": sum(ended) / len(ended),
+        }
+        if on_tasks:
+            stats["true_reward"] = sum(tasks.checker([prompt_text(x) for x in batch_prompts], texts)) / len(texts)
+        return Rollout(seq, attn, mask, logprobs, ref_logprobs, values, shaped.rewards, advantages,
+                       adv.returns, scores), stats
+
+    def step_fn(step: int) -> dict:
+        data, stats = rollout(step)
+        if not math.isfinite(stats["kl"]) or stats["kl"] > float(p.max_kl):
+            raise TrainingDiverged(f"ppo: mean KL {stats['kl']:.2f} exceeds ppo.max_kl={p.max_kl} at iteration {step}; "
+                                   f"{trainer.last_good()} (lower optim.lr or raise ppo.kl_coef)")
+        P = data.sequences.shape[1] - data.mask.shape[1]
+        sums: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(int(cfg.seed) + step)
+        for _ in range(int(p.epochs)):
+            for idx in torch.randperm(rollout_batch, generator=generator).split(minibatch):
+                idx = idx.to(device)
+                logits, values = engine(data.sequences[idx], data.attention_mask[idx])
+                mask = data.mask[idx]
+                logprobs = rl.token_logprobs(response_slice(logits, P), data.sequences[idx, P:])
+                values = response_slice(values, P)
+                if p.variant == "reference":
+                    loss, parts = reference_update(logits, values, data, idx, P, mask)
+                else:
+                    pol = rl.ppo_policy_loss(logprobs, data.logprobs[idx], data.advantages[idx], mask, clip_eps=float(p.clip_eps))
+                    val = rl.ppo_value_loss(values, data.values[idx], data.returns[idx], mask, clip_eps=float(p.value_clip))
+                    entropy = rl.masked_mean(rl.entropy_from_logits(response_slice(logits, P)), mask)
+                    loss = pol.loss + float(p.vf_coef) * val.loss - float(p.entropy_coef) * entropy
+                    parts = {"policy_loss": pol.loss.item(), "value_loss": val.loss.item(), "clip_frac": pol.clip_frac.item(),
+                             "approx_kl": pol.approx_kl.item(), "explained_variance": val.explained_variance.item()}
+                trainer.backward_step(loss)
+                for k, v in {"loss": loss.item(), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v / updates_per_iter
+        kl_ctl.update(stats["kl"], rollout_batch * dist.world_size)
+        return {**stats, **sums}
+
+    def reference_update(logits, values, data, idx, P, mask):
+        """lucidrains' objective (ppo.variant=reference) for comparison; see rl.reference_variant_loss."""
+        pooled_values = rl.masked_mean(values, mask, dim=1)
+        old_pooled = rl.masked_mean(data.values[idx], mask, dim=1)
+        old_logits = _old_logits_cache[0][idx]
+        out = rl.reference_variant_loss(response_slice(logits, P), old_logits, data.sequences[idx, P:], data.scores[idx],
+                                        pooled_values, old_pooled, mask, clip_eps=float(p.clip_eps),
+                                        value_clip=float(p.value_clip), kl_coef=float(p.kl_coef),
+                                        entropy_coef=float(p.entropy_coef))
+        return out.loss, {"policy_loss": out.policy_loss.item(), "value_loss": out.value_loss.item(),
+                          "clip_frac": out.clip_frac.item(), "entropy": out.entropy.item()}
+
+    _old_logits_cache: list[Tensor] = []
+    if p.variant == "reference":
+        base_rollout = rollout
+
+        def rollout(step: int):  # noqa: F811  the reference variant also keeps full old logits
+            data, stats = base_rollout(step)
+            with torch.no_grad():
+                logits, _ = engine(data.sequences, data.attention_mask)
+            _old_logits_cache[:] = [response_slice(logits, data.sequences.shape[1] - data.mask.shape[1]).detach()]
+            return data, stats
+
+    def eval_fn() -> dict:
+        metrics: dict = {}
+        if eval_examples:
+            with lora_scope(palm, ACTOR if use_lora else None):
+                score = task_score(palm, tokenizer, eval_examples, max_new_tokens=max_new)
+            metrics.update(accuracy=score.accuracy, format_rate=score.format_rate, response_tokens=score.mean_length)
+            trainer.manifest_extra["samples"] = score.samples
+        return metrics
+
+    start_rows = {"prompts": f"{len(prompts):,}", "reward": cfg.reward_fn or str(reward_ckpt.path),
+                  "shared base (LoRA scopes)": ", ".join(s for s in (ACTOR, CRITIC, REWARD if shared_reward else None) if s)
+                  if use_lora else "no (full fine-tuning: separate reference and critic)",
+                  "critic init": critic_from, "updates per iteration": updates_per_iter,
+                  "KL control": f"adaptive, target {p.kl_target}" if p.kl_target is not None else f"fixed β={p.kl_coef}"}
+    if eval_examples:
+        with lora_scope(palm, None):
+            before = task_score(palm, tokenizer, eval_examples, max_new_tokens=max_new)
+        trainer.manifest_extra["init_accuracy"] = before.accuracy
+        start_rows["checker accuracy of the SFT policy"] = round(before.accuracy, 4)
+    return trainer.fit(step_fn, eval_fn, start_rows=start_rows)
+
+
+def rm_is_scalar(model: RewardModel) -> bool:
+    return model.objective == "pairwise"
+
+
+def export_actor(use_lora: bool) -> Callable[[dict], tuple[dict, dict]]:
+    """The policy checkpoint: the base and only the actor adapters (critic/reward scopes stay behind)."""
+    def export(state: dict) -> tuple[dict, dict]:
+        palm_state = {k.removeprefix("palm."): v for k, v in state.items() if k.startswith("palm.")}
+        weights, adapters = export_split(palm_state)
+        adapters = {k: v for k, v in adapters.items() if k.endswith(f".{ACTOR}")}
+        return weights, (adapters if use_lora else {})
+    return export

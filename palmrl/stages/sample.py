@@ -1,0 +1,114 @@
+"""`palmrl sample`: generate from any checkpoint by path, batched with the KV cache.
+
+Prompts come from `prompt=`, a `prompt_file=` (one per line, or .jsonl with a "prompt" field) or
+stdin. Chat checkpoints (sft, reward, ppo) get the chat template; pretrain checkpoints continue raw
+text. Output is plain text or one JSON object per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from palmrl import checkpoint
+from palmrl.errors import UserError
+from palmrl.generate import generate
+from palmrl.runtime import seed_everything
+from palmrl.stages.common import model_from_checkpoint
+
+BATCH = 32  # prompts decoded together
+
+
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompt is not None:
+        return [str(cfg.prompt)]
+    if cfg.prompt_file is not None:
+        path = Path(str(cfg.prompt_file))
+        if not path.is_file():
+            raise UserError(f"prompt_file: no such file: {path}")
+        lines = path.read_text().splitlines()
+        if path.suffix == ".jsonl":
+            prompts = []
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+        else:
+            prompts = [line for line in lines if line.strip()]
+    elif not sys.stdin.isatty():
+        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    else:
+        raise UserError("prompt: give prompt=\"...\", prompt_file=..., or pipe prompts on stdin")
+    if not prompts:
+        raise UserError("prompt: no prompts given (empty file or stdin)")
+    return prompts
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        from palmrl.data.chat import prompt_tokens
+
+        return prompt_tokens(tokenizer, text)
+    return [tokenizer.bos_id, *tokenizer.encode(text)]
+
+
+def decode_response(tokenizer, ids: list[int]) -> tuple[str, bool]:
+    from palmrl.data.chat import clean_response
+
+    return clean_response(tokenizer, ids)
+
+
+def run(cfg: DictConfig) -> Path | None:
+    seed_everything(int(cfg.seed))
+    ckpt = checkpoint.load(cfg.ckpt, key="ckpt")
+    tokenizer = ckpt.tokenizer()
+    model = model_from_checkpoint(ckpt)
+    if cfg.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
+    prompts = read_prompts(cfg)
+    n = int(cfg.num_samples)
+    if n <= 0:
+        raise UserError(f"num_samples must be positive, got {n}")
+    if int(cfg.max_new_tokens) <= 0:
+        raise UserError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
+
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    records = []
+    for start in range(0, len(jobs), BATCH):
+        chunk = jobs[start:start + BATCH]
+        out = generate(model, [encode_prompt(tokenizer, p, chat) for _, p in chunk],
+                       max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
+                       top_k=int(cfg.top_k), top_p=float(cfg.top_p), eos_id=tokenizer.eos_id,
+                       pad_id=tokenizer.pad_id, generator=generator)
+        for row, (index, prompt) in enumerate(chunk):
+            ids = out.sequences[row, out.prompt_length:][out.response_mask[row]].tolist()
+            text, well_formed = decode_response(tokenizer, ids)
+            records.append({"prompt_index": index, "prompt": prompt, "response": text,
+                            "tokens": len(ids), "ended": well_formed})
+    write_records(cfg, records)
+    return None
+
+
+def write_records(cfg: DictConfig, records: list[dict]) -> None:
+    sink = open(str(cfg.output), "w") if cfg.output else sys.stdout
+    try:
+        for rec in records:
+            if cfg.format == "jsonl":
+                sink.write(json.dumps(rec) + "\n")
+            elif cfg.format == "text":
+                score = f" [score {rec['score']:.3f}]" if "score" in rec else ""
+                sink.write(f"### prompt {rec['prompt_index']}{score}\n{rec['prompt']}{rec['response']}\n\n")
+            else:
+                raise UserError(f"format must be text or jsonl, got '{cfg.format}'")
+    finally:
+        if sink is not sys.stdout:
+            sink.close()

@@ -1,0 +1,129 @@
+"""Run tracking: rich console on rank 0, `metrics.jsonl` always, Weights & Biases when asked.
+
+Every rank builds a Tracker; only rank 0 prints or writes. metrics.jsonl gets one JSON object per
+logged step (`{"step": 10, "split": "train", "loss": ...}`); on resume the lines past the resumed
+step are cut so the file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Tracker:
+    def __init__(self, out_dir: Path, *, enabled: bool, total_steps: int, stage: str,
+                 logger_cfg: Mapping | None = None, config: Mapping | None = None):
+        self.enabled = enabled
+        self.stage = stage
+        self.total_steps = total_steps
+        self.metrics_path = Path(out_dir) / "metrics.jsonl"
+        self._progress: Progress | None = None
+        self._task = None
+        self._wandb = None
+        self._last: dict[str, float] = {}
+        if not enabled:
+            return
+        if logger_cfg and logger_cfg.get("wandb"):
+            self._wandb = self._start_wandb(out_dir, logger_cfg, config)
+
+    @staticmethod
+    def _start_wandb(out_dir: Path, logger_cfg: Mapping, config: Mapping | None):
+        import wandb
+
+        mode = str(logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline")
+        return wandb.init(project=logger_cfg.get("project", "palmrl"), entity=logger_cfg.get("entity"),
+                          dir=str(out_dir), mode=mode, config=dict(config or {}),
+                          name=f"{Path(out_dir).parent.name}-{Path(out_dir).name}")
+
+    def truncate_after(self, step: int) -> None:
+        """Resume: forget metrics logged after `step` by the run that was interrupted."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        kept = [m for m in read_metrics(self.metrics_path) if m.get("step", 0) <= step]
+        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+    def summary(self, title: str, rows: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title, show_header=False, title_justify="left")
+        table.add_column(style="bold cyan")
+        table.add_column()
+        for key, value in rows.items():
+            table.add_row(key, _fmt(value))
+        console.print(table)
+
+    def start(self, first_step: int) -> None:
+        if not self.enabled:
+            return
+        self._t0, self._step0 = time.perf_counter(), first_step
+        self._progress = Progress(
+            TextColumn(f"[bold]{self.stage}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+            transient=False, disable=not console.is_terminal,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.stage, total=self.total_steps, completed=first_step, info="")
+
+    def log(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=step)
+        self._last.update({f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+        line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k not in ("split",))
+        if self._progress is not None and console.is_terminal:
+            self._progress.update(self._task, completed=step, info=line[:80])
+            self._progress.console.print(f"[dim]{split}[/] {line}")
+        else:
+            console.print(f"{self.stage} {split} {line}")
+
+    def advance(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
+    def finish(self, rows: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.stop()
+        self.summary(f"{self.stage} finished", rows)
+        if self._wandb is not None:
+            self._wandb.summary.update({k: _jsonable(v) for k, v in rows.items()})
+            self._wandb.finish()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,137 @@
+"""Batched sampling: cache == no cache, EOS handling, sampling filters, reproducibility, masks."""
+
+import pytest
+import torch
+
+from palmrl.errors import UserError
+from palmrl.generate import Generation, generate, left_pad, sample_next
+from palmrl.model import ModelConfig, PaLM
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
+
+
+def tiny_model(**overrides) -> PaLM:
+    torch.manual_seed(0)
+    config = ModelConfig(**{**dict(vocab_size=50, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=40),
+                            **overrides})
+    return PaLM(config)
+
+
+def test_left_pad():
+    tokens, mask = left_pad(PROMPTS, pad_id=0)
+    assert tokens.tolist()[1] == [0, 0, 0, 11, 12]
+    assert mask.tolist()[1] == [False, False, False, True, True]
+    with pytest.raises(UserError, match="prompt 1"):
+        left_pad([[1], []], pad_id=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(kv_heads=2, xpos=True, qk_norm=True)])
+def test_greedy_cache_equals_no_cache(overrides):
+    model = tiny_model(**overrides)
+    a = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    b = generate(model, PROMPTS, max_new_tokens=12, temperature=0, use_cache=False)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.attention_mask, b.attention_mask)
+
+
+def test_sampling_cache_equals_no_cache_and_is_reproducible():
+    model = tiny_model()
+    runs = [generate(model, PROMPTS, max_new_tokens=10, top_k=10,
+                     generator=torch.Generator().manual_seed(3), use_cache=use_cache)
+            for use_cache in (True, True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert torch.equal(runs[0].sequences, runs[2].sequences)
+    other = generate(model, PROMPTS, max_new_tokens=10, top_k=10, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(runs[0].sequences, other.sequences)
+
+
+def test_greedy_continuation_matches_argmax_of_full_forward():
+    model = tiny_model()
+    out = generate(model, [PROMPTS[0]], max_new_tokens=6, temperature=0)
+    seq = out.sequences[0].tolist()
+    with torch.no_grad():
+        for t in range(5, 11):
+            assert model(torch.tensor([seq[:t]]))[0, -1].argmax().item() == seq[t]
+
+
+def test_eos_stops_each_sequence_and_pads_after():
+    model = tiny_model()
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731  same draws in both runs
+    free = generate(model, PROMPTS, max_new_tokens=8, generator=seed())
+    row1 = free.sequences[1, free.prompt_length:].tolist()
+    stop1 = next(j for j in range(1, 8) if row1[j] not in row1[:j])  # a token new at step j >= 1
+    eos = row1[stop1]
+    out = generate(model, PROMPTS, max_new_tokens=8, eos_id=eos, pad_id=0, generator=seed())
+    P = out.prompt_length
+    for row in range(3):
+        response = out.sequences[row, P:].tolist()
+        mask = out.response_mask[row].tolist()
+        if eos in response:
+            stop = response.index(eos)
+            assert all(mask[: stop + 1]) and not any(mask[stop + 1:])
+            assert all(t == 0 for t in response[stop + 1:])
+        else:
+            assert all(mask)
+        # up to its own EOS each row matches the run without EOS: rows are independent
+        n = sum(mask)
+        assert response[:n] == free.sequences[row, P:P + n].tolist()
+    assert out.response_mask[1].sum().item() == stop1 + 1
+    assert len(set(out.response_mask.sum(1).tolist())) > 1  # rows stopped at different steps
+
+
+def test_loop_stops_when_all_rows_ended():
+    model = tiny_model()
+    free = generate(model, [PROMPTS[0], PROMPTS[0]], max_new_tokens=5, temperature=0)
+    eos = free.sequences[0, free.prompt_length].item()  # both rows' first token
+    out = generate(model, [PROMPTS[0], PROMPTS[0]], max_new_tokens=5, temperature=0, eos_id=eos)
+    assert out.sequences.shape == (2, 5 + 1) and out.response_mask.all()
+
+
+def test_masks_shapes_and_semantics():
+    model = tiny_model().to(torch.bfloat16)
+    out = generate(model, PROMPTS, max_new_tokens=7, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, Generation)
+    B, P, N = 3, 5, 7
+    assert out.prompt_length == P
+    assert out.sequences.shape == (B, P + N) and out.sequences.dtype == torch.long
+    assert out.attention_mask.shape == (B, P + N) and out.attention_mask.dtype == torch.bool
+    assert out.response_mask.shape == (B, N)
+    assert torch.equal(out.attention_mask[:, P:], out.response_mask)
+    _, prompt_mask = left_pad(PROMPTS, pad_id=0)
+    assert torch.equal(out.attention_mask[:, :P], prompt_mask)
+    assert out.response_mask.all()  # no EOS given: every step is real
+
+
+def test_mode_restored_and_long_prompt_rejected():
+    model = tiny_model().train()
+    generate(model, PROMPTS, max_new_tokens=2, temperature=0)
+    assert model.training
+    with pytest.raises(UserError, match="max_seq_len"):
+        generate(model, [[1] * 35], max_new_tokens=6)
+    assert model.training
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 200)
+    greedy = sample_next(logits, temperature=0)
+    assert greedy.tolist() == [1] * 200
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=g), greedy)
+    top2 = sample_next(logits, 1.0, top_k=2, generator=g)
+    assert set(top2.tolist()) == {1, 3}
+    # p(1) = 0.64, p(3) = 0.24: top_p 0.7 keeps both, 0.5 keeps only the first
+    assert set(sample_next(logits, 1.0, top_p=0.7, generator=g).tolist()) == {1, 3}
+    assert sample_next(logits, 1.0, top_p=0.5, generator=g).tolist() == [1] * 200
+    assert set(sample_next(logits, 1.0, generator=g).tolist()) == {0, 1, 2, 3}
+    with pytest.raises(UserError, match="top_p"):
+        sample_next(logits, 1.0, top_p=0.0)
+    with pytest.raises(UserError, match="temperature"):
+        sample_next(logits, -1.0)
+
+
+def test_top_k_one_equals_greedy_generation():
+    model = tiny_model()
+    greedy = generate(model, PROMPTS, max_new_tokens=8, temperature=0)
+    top1 = generate(model, PROMPTS, max_new_tokens=8, temperature=0.7, top_k=1,
+                    generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy.sequences, top1.sequences)

@@ -1,0 +1,201 @@
+"""PaLM model: causality, padding invariance, KV-cache exactness, paper parameter counts, config errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from palmrl.errors import UserError
+from palmrl.model import KVCache, ModelConfig, PaLM, ScalarHead, gather_last
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+TINY = dict(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
+VARIANTS = {
+    "mqa": {},
+    "xpos_qknorm_gqa": dict(xpos=True, qk_norm=True, kv_heads=2),
+    "mha": dict(kv_heads=4),
+}
+
+
+def tiny_model(seed: int = 0, **overrides) -> PaLM:
+    torch.manual_seed(seed)
+    model = PaLM(ModelConfig(**{**TINY, **overrides})).eval()
+    # random norm scales so the tests see non-trivial LayerNorm / qk-norm weights
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def ragged_batch(seed: int = 1):
+    """Three sequences of lengths 20, 14, 17, left-padded to 20."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [20, 14, 17]
+    tokens = torch.randint(1, TINY["vocab_size"], (3, 20), generator=g)
+    mask = torch.zeros(3, 20, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, 20 - n:] = True
+        tokens[i, : 20 - n] = 0
+    return tokens, mask, lengths
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant):
+    model = tiny_model(**VARIANTS[variant])
+    tokens = torch.randint(0, 97, (2, 16))
+    changed = tokens.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 97
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padding_matches_sequence_alone(variant):
+    model = tiny_model(**VARIANTS[variant])
+    tokens, mask, lengths = ragged_batch()
+    with torch.no_grad():
+        batch = model(tokens, attention_mask=mask)
+        for i, n in enumerate(lengths):
+            alone = model(tokens[i:i + 1, 20 - n:])
+            torch.testing.assert_close(batch[i, 20 - n:], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(batch).all()  # pad rows too
+
+
+def test_no_mask_equals_all_true_mask():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), model(tokens, attention_mask=torch.ones_like(tokens).bool()),
+                                   atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_matches_full_forward(variant):
+    model = tiny_model(**VARIANTS[variant])
+    tokens, mask, _ = ragged_batch()
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+
+        # prompt block of 11 columns, then one column at a time (the last two columns as one call)
+        cache = model.new_cache(3, 24)
+        parts = [model(tokens[:, :11], attention_mask=mask[:, :11], cache=cache)]
+        for t in range(11, 18):
+            parts.append(model(tokens[:, t:t + 1], cache=cache))
+        parts.append(model(tokens[:, 18:], attention_mask=mask[:, 18:], cache=cache))
+        incremental = torch.cat(parts, dim=1)
+    assert isinstance(cache, KVCache) and cache.offset == 20
+    assert cache.lengths.tolist() == mask.sum(1).tolist()
+    torch.testing.assert_close(incremental[mask], full[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_select_and_overflow():
+    model = tiny_model()
+    tokens, mask, _ = ragged_batch()
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+        cache = model.new_cache(3, 20)
+        model(tokens[:, :15], attention_mask=mask[:, :15], cache=cache)
+        picked = cache.select(torch.tensor([2, 0]))
+        last = model(tokens[[2, 0], 15:], cache=picked)
+        torch.testing.assert_close(last, full[[2, 0], 15:], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="KV cache holds 20"):
+            model(tokens[[2, 0], :1], cache=picked)
+
+
+def test_bf16_forward_and_backward():
+    model = tiny_model().to(torch.bfloat16).train()
+    tokens = torch.randint(0, 97, (2, 12))
+    logits = model(tokens)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 12, 97)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_structure_no_biases_tied_output():
+    model = tiny_model(qk_norm=True)
+    names = dict(model.named_parameters())
+    assert not any(name.endswith("bias") for name in names)
+    assert "layers.0.fused_proj.weight" in names and "layers.1.attn_out.weight" in names
+    assert "layers.0.ff_out.weight" in names
+    c = model.config
+    assert names["layers.0.fused_proj.weight"].shape == (
+        c.heads * c.dim_head + 2 * c.kv_heads * c.dim_head + 2 * c.ff_mult * c.dim, c.dim)
+    hidden = model.trunk(torch.randint(0, 97, (1, 5)))
+    torch.testing.assert_close(model.logits(hidden), hidden @ model.token_emb.weight.T)
+    assert not any("rotary" in key for key in model.state_dict())  # no buffers, weights only
+
+
+@pytest.mark.parametrize("name, paper", [("palm_8b", 8.6e9), ("palm_62b", 62.5e9), ("palm_540b", 540.4e9)])
+def test_paper_parameter_counts(name, paper):
+    config = ModelConfig.from_dict(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()))
+    with torch.device("meta"):
+        model = PaLM(config)
+    assert abs(model.num_params() - paper) / paper < 0.05
+
+
+def test_every_model_yaml_loads_with_exact_keys():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"palm_tiny", "palm_small", "palm_125m", "palm_350m", "palm_1b",
+                                       "palm_8b", "palm_62b", "palm_540b"}
+    fields = set(ModelConfig().to_dict())
+    for f in files:
+        text = f.read_text()
+        assert text.startswith("# "), f
+        d = yaml.safe_load(text)
+        assert set(d) == fields, f
+        assert ModelConfig.from_dict(d).to_dict() == ModelConfig(**d).to_dict()
+
+
+def test_tiny_config_trains_quickly():
+    config = ModelConfig.from_dict(yaml.safe_load((CONFIGS / "palm_tiny.yaml").read_text()))
+    torch.manual_seed(0)
+    model = PaLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(0, config.vocab_size, (4, 33))
+    losses = []
+    for _ in range(20):
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0  # memorises a fixed batch
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"dimm": 3}, "model.dimm"),
+    ({"dim": 0}, "model.dim"),
+    ({"depth": -1}, "model.depth"),
+    ({"heads": 8, "kv_heads": 3}, "model.kv_heads"),
+    ({"dim_head": 7}, "model.dim_head"),
+    ({"xpos": "yes"}, "model.xpos"),
+    ({"vocab_size": 1.5}, "model.vocab_size"),
+    ({"init_std": 0}, "model.init_std"),
+])
+def test_config_errors_name_the_key(bad, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        ModelConfig.from_dict(bad)
+
+
+def test_config_round_trip():
+    config = ModelConfig(dim=48, xpos=True)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_scalar_head_and_gather_last():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    last = gather_last(hidden, mask)
+    assert torch.equal(last, torch.stack([hidden[0, 2], hidden[1, 3]]))
+    with pytest.raises(ValueError):
+        gather_last(hidden, torch.zeros(2, 4, dtype=torch.bool))
+
+    head = ScalarHead(3)
+    assert head(hidden).shape == (2, 4, 1) and torch.equal(head(hidden), torch.zeros(2, 4, 1))
+    assert ScalarHead(3, num_outputs=5)(last).shape == (2, 5)

@@ -1,0 +1,177 @@
+"""End to end: pretrain palm_tiny on the embedded corpus; exact resume; 2 ranks under torchrun;
+multirun sweeps; sampling from the checkpoint; bad input ends with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CONFIG_DIR, compose, palmrl_cli, run_stage
+
+TINY = ["model=palm_tiny", "train.micro_batch_size=8", "train.seq_len=64", "train.log_every=5",
+        "train.eval_batches=4", "optim.warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """One sentencepiece tokenizer on the embedded corpus, shared by the tests here."""
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    run_stage("tokenizer", ["model=palm_tiny", f"tokenizer.path={out}"])
+    assert (out / "tokenizer.model").is_file()
+    return out
+
+
+def overrides(tmp, tokenizer_dir, *extra):
+    return [*TINY, f"tokenizer.path={tokenizer_dir}", f"out_dir={tmp}", *extra]
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_validation_loss_drops(tmp_path, tokenizer_dir, dist_env):
+    out = tmp_path / "pretrain"
+    final = run_stage("pretrain", overrides(out, tokenizer_dir, "train.max_steps=80", "train.eval_every=20",
+                                            "train.save_every=40"))
+    assert final == out / "final"
+    val = [m for m in metrics(out) if m["split"] == "val"]
+    first, last = val[0]["loss"], val[-1]["loss"]
+    assert math.log(2048) - last > 2.0, f"val loss {last:.3f} barely below uniform {math.log(2048):.3f}"
+    assert last < first - 0.3
+    assert last < val[-1]["unigram_loss"], "a trained LM must beat the unigram baseline"
+
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["stage"] == "pretrain" and manifest["step"] == 80
+    assert manifest["metrics"]["loss"] == pytest.approx(last)
+    assert {"model.safetensors", "model.yaml", "tokenizer.model", "manifest.json"} <= {p.name for p in final.iterdir()}
+    assert (out / "step-000040").is_dir() and (out / "config.yaml").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tokenizer_dir, dist_env):
+    common = ["train.max_steps=12", "train.eval_every=6", "train.save_every=0", "train.log_every=1"]
+    straight = tmp_path / "straight"
+    run_stage("pretrain", overrides(straight, tokenizer_dir, *common))
+    broken = tmp_path / "broken"
+    stopped = run_stage("pretrain", overrides(broken, tokenizer_dir, *common, "train.stop_after=6"))
+    assert stopped.name == "step-000006" and not (broken / "final").exists()
+    run_stage("pretrain", overrides(broken, tokenizer_dir, *common, "resume=auto"))
+
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(broken / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]
+    assert strip(metrics(straight)) == strip(metrics(broken))
+
+
+def test_existing_run_is_never_overwritten(tmp_path, tokenizer_dir, dist_env):
+    from palmrl.errors import UserError
+
+    out = tmp_path / "run"
+    run_stage("pretrain", overrides(out, tokenizer_dir, "train.max_steps=2"))
+    before = (out / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="resume=auto"):
+        run_stage("pretrain", overrides(out, tokenizer_dir, "train.max_steps=2"))
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("zero", ["stage2", "stage3"])
+def test_two_ranks_then_one_process_eval(tmp_path, tokenizer_dir, zero):
+    from palmrl import checkpoint
+    from palmrl.stages.common import model_from_checkpoint
+    from palmrl.stages.pretrain import lm_loss
+    from palmrl.data.sources import load_texts, source_fingerprint
+    from palmrl.data.tokens import TokenBatches, build_token_shards
+
+    out = tmp_path / zero
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "palmrl",
+           "pretrain", *overrides(out, tokenizer_dir, "train.max_steps=6", "train.eval_every=0", f"zero={zero}")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = (out / "config.yaml").read_text()
+    assert "stage: " + zero[-1] in config
+    ckpt = checkpoint.load(out, stages=["pretrain"])
+    assert ckpt.manifest["config"]["zero"]["stage"] == int(zero[-1])
+
+    model = model_from_checkpoint(ckpt).eval()
+    cfg = compose("pretrain", overrides(out, tokenizer_dir))
+    splits = build_token_shards(lambda: load_texts(cfg.data), ckpt.tokenizer(), fingerprint=source_fingerprint(cfg.data),
+                                cache_dir=os.path.join(os.environ["PALMRL_CACHE_DIR"], "tokens"),
+                                val_fraction=float(cfg.data.val_fraction))
+    val = TokenBatches(splits.val, seq_len=64, batch_size=8, seed=0)
+    with torch.no_grad():
+        losses = [lm_loss(model, t).item() for t in val.eval_batches(4)]
+    assert sum(losses) / len(losses) == pytest.approx(ckpt.manifest["metrics"]["loss"], abs=1e-4)
+
+
+def test_multirun_makes_one_folder_per_job(tmp_path, tokenizer_dir):
+    proc = palmrl_cli("pretrain", "--multirun", "optim.lr=1e-3,3e-4", "run_name=sweep",
+                      *TINY, f"tokenizer.path={tokenizer_dir}", "train.max_steps=2", "train.eval_batches=1",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "sweep" / "pretrain").glob("*/final"))
+    assert jobs == ["optim.lr=1e-3", "optim.lr=3e-4"], jobs
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    proc = palmrl_cli("pretrain", "model=palm_1b", "data=pile", "zero=stage3", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "stage: 3" in proc.stdout and "pile" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sample_from_pretrain_checkpoint(tmp_path, tokenizer_dir, dist_env):
+    out = tmp_path / "pretrain"
+    run_stage("pretrain", overrides(out, tokenizer_dir, "train.max_steps=4"))
+    proc = palmrl_cli("sample", f"ckpt={out}", "prompt=Hi there", "max_new_tokens=12", "num_samples=2",
+                      "format=jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["prompt"] == "Hi there" and r["tokens"] <= 12 for r in rows)
+    piped = palmrl_cli("sample", f"ckpt={out}", "max_new_tokens=4", "format=jsonl", cwd=tmp_path, stdin="one\ntwo\n")
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert [json.loads(l)["prompt"] for l in piped.stdout.splitlines()] == ["one", "two"]
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["nosuchstage"], "nosuchstage"),
+    (["pretrain", "zero=stage9"], "zero/stage9"),
+    (["pretrain", "model=palm_nope"], "model/palm_nope"),
+    (["pretrain", "train.nokey=1"], "nokey"),
+    (["pretrain", "data=local", "data.path=/no/such/corpus.txt"], "/no/such/corpus.txt"),
+    (["sample", "ckpt=/no/such/ckpt", "prompt=x"], "/no/such/ckpt"),
+    (["sample", "prompt=x"], "ckpt"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, culprit):
+    proc = palmrl_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("palmrl: error:")]
+    assert len(lines) == 1 and culprit in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_checkpoint_and_empty_corpus_and_vocab_mismatch(tmp_path, tokenizer_dir):
+    (tmp_path / "notackpt").mkdir()
+    (tmp_path / "notackpt" / "weights.bin").write_bytes(b"x")
+    proc = palmrl_cli("sample", f"ckpt={tmp_path / 'notackpt'}", "prompt=x", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a palmrl checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+    (tmp_path / "empty.txt").write_text("")
+    proc = palmrl_cli("pretrain", "data=local", f"data.path={tmp_path / 'empty.txt'}", *TINY,
+                      f"tokenizer.path={tokenizer_dir}", cwd=tmp_path)
+    assert proc.returncode == 2 and "empty" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+    proc = palmrl_cli("pretrain", "model.vocab_size=4096", *TINY, f"tokenizer.path={tokenizer_dir}", cwd=tmp_path)
+    assert proc.returncode == 2 and "vocab_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "default" / "pretrain" / "final").exists()
