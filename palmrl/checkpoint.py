@@ -111,7 +111,7 @@ class Checkpoint:
         return self.manifest.get("files", {}).get(WEIGHTS, "")
 
     def lineage(self) -> dict:
-        return {"path": str(self.path), "stage": self.stage, "step": self.manifest.get("step"),
+        return {"path": str(self.path.resolve()), "stage": self.stage, "step": self.manifest.get("step"),
                 "sha256": self.content_hash}
 
 

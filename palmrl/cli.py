@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     if not (CONFIG_DIR / f"{stage}.yaml").is_file():
         _fail(f"no config for stage '{stage}' in {CONFIG_DIR} (set PALMRL_CONFIG_DIR)")
 
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
     import hydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     def task(cfg):
         from palmrl.runtime import run_stage
 
-        return run_stage(stage, cfg, stage_runner(stage))
+        try:
+            return run_stage(stage, cfg, stage_runner(stage))
+        except UserError as err:  # exit here: Hydra would add its own "Error executing job" line
+            _fail(str(err), err.exit_code)
 
     sys.argv = [f"palmrl-{stage}", *overrides]
     entry = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=stage)(task)

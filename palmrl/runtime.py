@@ -61,8 +61,14 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
 
+    import logging
+
     import deepspeed
     import torch.distributed as dist
+
+    # palmrl reports progress itself; DeepSpeed's INFO lines would drown it
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

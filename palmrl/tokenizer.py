@@ -282,7 +282,7 @@ def _load_sentencepiece(model_bytes: bytes, origin: str) -> spm.SentencePiecePro
     size = processor.get_piece_size()
     found = tuple(processor.id_to_piece(i) for i in range(min(size, len(SPECIAL_TOKENS))))
     if found != SPECIAL_TOKENS or not all(processor.is_control(i) for i in range(4, len(SPECIAL_TOKENS))):
-        raise UserError(f"{origin} does not hold palmrl's special tokens {SPECIAL_TOKENS} at ids 0..6 as control symbols")
+        raise UserError(f"{origin} does not hold palmrl's special tokens at ids 0..6: {', '.join(SPECIAL_TOKENS)}")
     if processor.piece_to_id("<0xE2>") == processor.unk_id():
         raise UserError(f"{origin} was trained without byte_fallback; palmrl needs it to encode any text")
     return processor

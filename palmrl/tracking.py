@@ -23,9 +23,9 @@ console = Console(stderr=True, highlight=False)
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
             return f"{value:.3e}"
-        return f"{value:.4f}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value)
 
 

@@ -142,10 +142,18 @@ def test_source_errors_name_the_key(tmp_path):
     assert list(load_texts({"source": "local", "path": str(tmp_path / "c.jsonl"), "text_field": "body"})) == DOCS
 
 
-def test_empty_corpus_is_a_user_error(tmp_path):
-    write_jsonl(tmp_path / "empty.jsonl", ["", ""])
-    with pytest.raises(UserError, match="holds no text"):
-        list(load_texts({"source": "local", "path": str(tmp_path / "empty.jsonl")}))
+@pytest.mark.parametrize("streaming", [False, True])
+def test_empty_corpus_is_a_user_error(tmp_path, streaming):
+    write_jsonl(tmp_path / "blank-docs.jsonl", ["", " \n "])
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    for name in ("blank-docs.jsonl", "empty.txt", "blank.txt", "blank.jsonl", "empty.jsonl"):
+        with pytest.raises(UserError, match="is empty"):
+            list(load_texts({"source": "local", "path": str(tmp_path / name), "streaming": streaming}))
+    write_jsonl(tmp_path / "some.jsonl", DOCS[:1])
+    assert list(load_texts({"source": "local", "path": str(tmp_path / "*"), "streaming": streaming})) == DOCS[:1]
 
 
 def test_fingerprint_follows_the_content(tmp_path):

@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import datasets
 
@@ -59,7 +59,7 @@ def load_records(data_cfg: Mapping) -> Iterator[dict]:
 
 
 def load_texts(data_cfg: Mapping) -> Iterator[str]:
-    """Documents (the `text_field` of each record), empty ones skipped; UserError if none."""
+    """Documents (the `text_field` of each record), blank ones skipped; UserError if none."""
     field = _get(data_cfg, "text_field")
     count = 0
     for index, (origin, record) in enumerate(_records_with_origin(data_cfg)):
@@ -69,11 +69,11 @@ def load_texts(data_cfg: Mapping) -> Iterator[str]:
         text = record[field]
         if not isinstance(text, str):
             raise UserError(f"{origin}: record {index} has no text in data.text_field={field!r} (got {type(text).__name__})")
-        if text:
+        if text.strip():  # blank documents would only add an eos to the stream
             count += 1
             yield text
     if count == 0:
-        raise UserError(f"the corpus {describe(data_cfg)} holds no text in data.text_field={field!r}")
+        raise UserError(f"the corpus {describe(data_cfg)} is empty: no text in data.text_field={field!r}")
 
 
 def source_fingerprint(data_cfg: Mapping) -> str:
@@ -169,20 +169,23 @@ def _local_records(paths: list[Path], streaming: bool, sample_by: str) -> Iterat
     if sample_by not in ("line", "paragraph", "document"):
         raise UserError(f"data.sample_by={sample_by!r} is unknown; use line, paragraph or document")
     for path in paths:
+        if path.stat().st_size == 0:
+            continue  # `datasets` fails on an empty file instead of reading no records
         builder = FORMATS[path.suffix]
         options = {"sample_by": sample_by} if builder == "text" else {}
         try:
             with _quiet_datasets():
-                table = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **options)
+                table = datasets.load_dataset(
+                    builder, data_files=str(path), split="train", streaming=streaming, **options
+                )
             for record in table:  # streaming reads (and fails) here, not in load_dataset
                 yield str(path), record
         except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
-            if builder != "json":
+            bad_line = find_malformed_json(path) if builder == "json" else None
+            if bad_line is not None:
+                raise UserError(bad_line) from exc
+            if not _holds_no_records(exc):
                 raise
-            bad_line = find_malformed_json(path)
-            if bad_line is None:
-                raise
-            raise UserError(bad_line) from exc
 
 
 def _hf_records(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
@@ -217,6 +220,12 @@ def find_malformed_json(path: Path) -> str | None:
             except json.JSONDecodeError as exc:
                 return f"{path}:{number}: malformed JSON line ({exc.msg})"
     return None
+
+
+def _holds_no_records(exc: Exception) -> bool:
+    """`datasets`' ways of failing on a file without records (blank lines only)."""
+    no_schema = isinstance(exc.__cause__, datasets.arrow_writer.SchemaInferenceError)  # text builder
+    return no_schema or "corresponds to no data" in str(exc)  # json builder
 
 
 @contextlib.contextmanager

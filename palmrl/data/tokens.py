@@ -69,7 +69,12 @@ def build_token_shards(
         raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     key = hashlib.sha256(
         json.dumps(
-            {"format": SHARD_FORMAT, "fingerprint": fingerprint, "tokenizer": tokenizer.content_hash(), "val_fraction": val_fraction},
+            {
+                "format": SHARD_FORMAT,
+                "fingerprint": fingerprint,
+                "tokenizer": tokenizer.content_hash(),
+                "val_fraction": val_fraction,
+            },
             sort_keys=True,
         ).encode()
     ).hexdigest()[:20]
@@ -89,7 +94,9 @@ def build_token_shards(
     tmp.mkdir()
     try:
         meta = _tokenise_into(tmp, texts_factory, tokenizer, val_fraction)
-        meta.update(format=SHARD_FORMAT, fingerprint=fingerprint, tokenizer_hash=tokenizer.content_hash(), val_fraction=val_fraction)
+        meta.update(
+            format=SHARD_FORMAT, fingerprint=fingerprint, tokenizer_hash=tokenizer.content_hash(), val_fraction=val_fraction
+        )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         try:
             os.rename(tmp, folder)
@@ -101,7 +108,9 @@ def build_token_shards(
     return _load_splits(folder)
 
 
-def _tokenise_into(folder: Path, texts_factory: Callable[[], Iterable[str]], tokenizer: Tokenizer, val_fraction: float) -> dict:
+def _tokenise_into(
+    folder: Path, texts_factory: Callable[[], Iterable[str]], tokenizer: Tokenizer, val_fraction: float
+) -> dict:
     """Encode every document into folder/train.bin and folder/val.bin; return the counts."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     threshold = int(val_fraction * (1 << 64))  # a document is val when its 64-bit hash is below this
@@ -138,7 +147,8 @@ def _tokenise_into(folder: Path, texts_factory: Callable[[], Iterable[str]], tok
         tail = np.fromfile(folder / "train.bin", dtype=dtype, offset=start * np.dtype(dtype).itemsize)
         tail[:length].tofile(folder / "val.bin")
         os.truncate(folder / "train.bin", start * np.dtype(dtype).itemsize)
-        counts.update(train_tokens=start, val_tokens=length, train_documents=counts["train_documents"] - 1, val_documents=1)
+        counts.update(train_tokens=start, val_tokens=length, val_documents=1)
+        counts["train_documents"] -= 1
 
     if counts["train_tokens"] == 0:
         raise UserError("the corpus produced no training tokens (it is empty, or every document went to val)")
@@ -162,7 +172,9 @@ def _load_splits(folder: Path) -> TokenSplits:
         path = folder / f"{split}.bin"
         expected = meta[f"{split}_tokens"]
         if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
-            raise UserError(f"token cache {folder} is damaged ({path.name} does not hold {expected} tokens); delete the folder")
+            raise UserError(
+                f"token cache {folder} is damaged ({path.name} does not hold {expected} tokens); delete the folder"
+            )
         # numpy cannot memory-map an empty file
         arrays[split] = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype=dtype)
     return TokenSplits(train=arrays["train"], val=arrays["val"], path=folder, meta=meta)

@@ -60,7 +60,7 @@ class FilterConfig:
 
     @classmethod
     def from_cfg(cls, cfg: Mapping | None) -> FilterConfig:
-        return _from_mapping(cls, cfg, "filters")
+        return dataclass_from_cfg(cls, cfg, "filters")
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,11 @@ class DedupConfig:
 
     @classmethod
     def from_cfg(cls, cfg: Mapping | None) -> DedupConfig:
-        return _from_mapping(cls, cfg, "dedup")
+        return dataclass_from_cfg(cls, cfg, "dedup")
 
 
-def _from_mapping(cls, cfg: Mapping | None, prefix: str):
+def dataclass_from_cfg(cls, cfg: Mapping | None, prefix: str):
+    """A config block -> the dataclass whose fields are its keys; an unknown key names itself."""
     known = {f.name for f in dataclass_fields(cls)}
     values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
     unknown = sorted(set(values) - known)
@@ -338,6 +339,8 @@ class RecordFilter:
         if self._blocked_output is not None and self._blocked_output.search(normalize(f.output)):
             return "blocklist"
         out = normalize(f.output)
+        if not out:  # punctuation or symbols only
+            return "empty"
         if out in (normalize(f.instruction), normalize(f.input), normalize(f"{f.instruction} {f.input}")):
             return "echo"
         return None

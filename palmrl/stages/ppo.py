@@ -168,7 +168,8 @@ def run(cfg: DictConfig) -> Path:
             del rm
         else:
             reward_model = rm
-        reward_model.requires_grad_(False)
+        # frozen: the head (and, when separate, its trunk); a shared base's actor/critic scopes still train
+        (reward_model.reward_head if shared_reward else reward_model).requires_grad_(False)
         if str(p.critic_init) == "reward" and rm_is_scalar(reward_model):
             with torch.no_grad():
                 module.value_head.load_state_dict(reward_model.reward_head.state_dict())

@@ -1,0 +1,92 @@
+"""`palmrl dedup in=… out=…`: filter and deduplicate an instruction JSONL, and say what went.
+
+Streams `in` line by line through `palmrl.selfinstruct.filters.RecordFilter` (the same checks
+`palmrl selfinstruct` applies while generating), writes kept lines to `out` unchanged and in
+order, removed ones to `<out stem>.removed.jsonl` with their reason and the line they repeat, and
+the counts to `<out stem>.report.json` and a table. The first of a group of duplicates is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from palmrl.errors import UserError
+from palmrl.selfinstruct.filters import REASONS, DedupConfig, FilterConfig, RecordFilter
+from palmrl.tracking import console
+
+
+def _truncated(record) -> bool:
+    """A record that says its response hit the token limit (selfinstruct's provenance does)."""
+    if not isinstance(record, dict):
+        return False
+    provenance = record.get("provenance")
+    reason = record.get("finish_reason") or (provenance.get("finish_reason") if isinstance(provenance, dict) else None)
+    return reason == "length"
+
+
+def dedup_file(src: Path, dst: Path, removed_path: Path, record_filter: RecordFilter) -> dict:
+    """Filter `src` into `dst` (atomically) and `removed_path`; returns the report."""
+    t0 = time.perf_counter()
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    total = 0
+    with open(src, encoding="utf-8", errors="replace") as fin, open(tmp, "w", encoding="utf-8") as fout, \
+            open(removed_path, "w", encoding="utf-8") as frem:
+        for number, line in enumerate(fin, 1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            verdict = record_filter.offer(record, number, truncated=_truncated(record))
+            if verdict.reason is None:
+                fout.write(line if line.endswith("\n") else line + "\n")
+            else:
+                frem.write(json.dumps({"line": number, "reason": verdict.reason, "duplicate_of_line": verdict.duplicate_of,
+                                       "record": record if record is not None else line.rstrip("\n")},
+                                      ensure_ascii=False) + "\n")
+    tmp.replace(dst)
+    elapsed = time.perf_counter() - t0
+    return {"in": str(src), "out": str(dst), "removed_records": str(removed_path), "records": total,
+            "kept": record_filter.kept, "removed": record_filter.counts(),
+            "dedup": vars(record_filter.dedup), "elapsed_s": round(elapsed, 3),
+            "records_per_s": round(total / elapsed, 1) if elapsed > 0 else None}
+
+
+def print_report(title: str, total: int, kept: int, removed: dict[str, int]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("filter", style="bold cyan")
+    table.add_column("removed", justify="right")
+    table.add_column("share", justify="right")
+    for reason in REASONS:
+        table.add_row(reason, str(removed.get(reason, 0)), f"{removed.get(reason, 0) / max(total, 1):.1%}")
+    table.add_row("kept", str(kept), f"{kept / max(total, 1):.1%}", style="bold")
+    console.print(table)
+
+
+def run(cfg: DictConfig) -> Path | None:
+    src, dst = Path(str(cfg["in"])), Path(str(cfg.out))
+    if not src.is_file():
+        raise UserError(f"in: no such file: {src}")
+    if dst.resolve() == src.resolve():
+        raise UserError(f"out: must differ from in ({dst}): dedup never rewrites its input")
+    if dst.exists() and not cfg.overwrite:
+        raise UserError(f"out: {dst} exists; set overwrite=true to replace it")
+    record_filter = RecordFilter(FilterConfig.from_cfg(cfg.filters), DedupConfig.from_cfg(cfg.dedup))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    report = dedup_file(src, dst, dst.with_name(f"{dst.stem}.removed.jsonl"), record_filter)
+    report_file = dst.with_name(f"{dst.stem}.report.json")
+    report_file.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(f"palmrl dedup: {report['kept']} of {report['records']} records kept "
+                 f"({report['records_per_s']} records/s)", report["records"], report["kept"], report["removed"])
+    console.print(f"kept -> {dst}\nreport -> {report_file}")
+    return dst

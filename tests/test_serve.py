@@ -1,0 +1,260 @@
+"""`palmrl serve`: the OpenAI-compatible app over a tiny random checkpoint, on 127.0.0.1 only.
+
+Covers completions and chat (plain and SSE streaming, n, stop strings, seeds), the engine's
+agreement with `palmrl.generate.generate`, 400s for malformed requests, 429 past the
+concurrency limit, batching of concurrent requests, and a bounded burst the server survives.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from conftest import palmrl_cli
+from palmrl import checkpoint
+from palmrl.generate import generate
+from palmrl.model.palm import ModelConfig, PaLM
+from palmrl.selfinstruct.engine import Engine, Row, Sampling
+from palmrl.selfinstruct.server import Batching, Limits, Server, build_app
+from palmrl.tokenizer import byte_tokenizer
+
+MAX_CONCURRENT = 8
+
+
+def tiny_checkpoint(folder, *, stage: str = "sft", max_seq_len: int = 1024, seed: int = 0):
+    """A random 1-layer PaLM over the byte tokenizer: garbage text, real plumbing."""
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=max_seq_len)
+    model = PaLM(config)
+    return checkpoint.save(folder / "final", stage=stage, step=0, weights=dict(model.named_parameters()),
+                           model_config=config.to_dict(), tokenizer=tokenizer, config={})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve-ckpt"))
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    return Engine(ckpt)
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    """The app under uvicorn in a thread on a free loopback port; yields (base url, Server)."""
+    import uvicorn
+
+    server = Server(engine, model_name="tiny", limits=Limits(max_concurrent=MAX_CONCURRENT, max_tokens=64),
+                    batching=Batching(max_batch_size=16, window_ms=5))
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", server
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture()
+def client(served):
+    with httpx.Client(base_url=served[0], timeout=30) as c:
+        yield c
+
+
+def sse(response) -> list:
+    """The JSON events of an SSE body, then the literal "[DONE]"."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
+def test_engine_samples_what_generate_samples(engine):
+    """Same seed, same tokens as palmrl.generate (the shared loop, stepped), with eos as the only stop."""
+    tokenizer = engine.tokenizer
+    prompts = [engine.encode_chat("hello"), engine.encode_text("Once upon a time")]
+    stop_ids, engine.stop_ids = engine.stop_ids, {tokenizer.eos_id}
+    try:
+        ours = engine.complete([Row(p, 24) for p in prompts], Sampling(0.9, top_p=0.95, top_k=40),
+                               generator=torch.Generator().manual_seed(3))
+    finally:
+        engine.stop_ids = stop_ids
+    out = generate(engine.model, prompts, max_new_tokens=24, temperature=0.9, top_p=0.95, top_k=40,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=torch.Generator().manual_seed(3))
+    for row, completion in enumerate(ours):
+        ids = out.sequences[row, out.prompt_length:][out.response_mask[row]].tolist()
+        assert completion.text == tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+        assert completion.completion_tokens == len([i for i in ids if i != tokenizer.eos_id])
+
+
+def test_engine_stop_strings_and_streamed_pieces(engine):
+    """A stop string ends the text right before it; streamed pieces never show any of it."""
+    prompt = engine.encode_text("The answer is")
+    run = lambda stop: [d for step in engine.stream([Row(prompt, 60, stop)], Sampling(1.0),  # noqa: E731
+                                                    generator=torch.Generator().manual_seed(5)) for d in step]
+    full = "".join(d.text for d in run(()))
+    start = next(i for i in range(3, len(full) - 1) if full[i].isascii() and full[i].isalnum() and full.find(full[i]) == i)
+    stop = full[start] + "\u2603"  # never completed: only held back while it might be
+    pieces = run((stop, full[start:start + 2]))
+    assert "".join(d.text for d in pieces) == full[:start]
+    assert pieces[-1].finish_reason == "stop" and all(d.finish_reason is None for d in pieces[:-1])
+
+
+def test_held_back_text():
+    from palmrl.selfinstruct.engine import _held_back
+
+    assert _held_back("hello wo", ("world",)) == 2
+    assert _held_back("hello", ("world",)) == 0
+    assert _held_back("abc\ufffd", ()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the HTTP API
+
+
+def test_models_and_health(client):
+    assert client.get("/health").json()["status"] == "ok"
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+
+
+def test_completions_with_prompt_list_and_n(client):
+    r = client.post("/v1/completions", json={"prompt": ["a", "bb"], "n": 2, "max_tokens": 5, "model": "tiny"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    assert body["usage"]["prompt_tokens"] == 2 * (2 + 3)  # bos + bytes, n copies of each prompt
+    assert body["usage"]["completion_tokens"] <= 4 * 5
+
+
+def test_seeded_chat_is_reproducible_and_streams_the_same_text(client):
+    req = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+           "max_tokens": 12, "seed": 7, "temperature": 0.8}
+    first = client.post("/v1/chat/completions", json=req).json()
+    second = client.post("/v1/chat/completions", json=req).json()
+    assert first["object"] == "chat.completion"
+    text = first["choices"][0]["message"]["content"]
+    assert text == second["choices"][0]["message"]["content"]
+
+    with client.stream("POST", "/v1/chat/completions",
+                       json={**req, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert all(e["object"] == "chat.completion.chunk" for e in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == first["choices"][0]["finish_reason"]
+    assert events[-2]["usage"]["completion_tokens"] == first["usage"]["completion_tokens"]
+
+
+def test_streamed_completion_ends_with_done(client):
+    with client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 6, "stream": True}) as r:
+        events = sse(r)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+
+
+BAD = [
+    ("/v1/completions", b"{not json", None),
+    ("/v1/completions", b"[1, 2]", None),
+    ("/v1/completions", {"max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 5}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 65}, "max_tokens"),  # over limits.max_tokens
+    ("/v1/completions", {"prompt": "x" * 1020, "max_tokens": 10}, "max_tokens"),  # over the context
+    ("/v1/completions", {"prompt": "x", "n": 9}, "n"),
+    ("/v1/completions", {"prompt": [], "max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "bogus": 1}, "bogus"),
+    ("/v1/completions", {"prompt": "x", "best_of": 4}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                              "max_completion_tokens": 2}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD)
+def test_malformed_requests_get_400_naming_the_field(client, path, body, param):
+    if isinstance(body, bytes):
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_unknown_model_is_404(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "model": "gpt-9"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_burst_is_batched_bounded_and_survived(served):
+    """40 simultaneous clients, 8 allowed in flight: every answer is 200 or 429 (with Retry-After),
+    concurrent requests share batches, and the server is idle and healthy afterwards."""
+    url, server = served
+    batches0, rows0 = server.scheduler.batches, server.scheduler.rows_decoded
+
+    def one(i: int):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": f"p{i}", "max_tokens": 24, "temperature": 1.0},
+                       timeout=60)
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        results = list(pool.map(one, range(40)))
+    codes = [code for code, _, _ in results]
+    assert set(codes) <= {200, 429} and codes.count(200) >= MAX_CONCURRENT
+    assert all(retry == "1" and body["error"]["type"] == "rate_limit_error"
+               for code, retry, body in results if code == 429)
+    batches, rows = server.scheduler.batches - batches0, server.scheduler.rows_decoded - rows0
+    assert rows == codes.count(200) and batches < rows  # some requests were decoded together
+
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/health").json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = httpx.get(f"{url}/health").json()
+    assert health["in_flight"] == 0 and health["queued"] == 0
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "after", "max_tokens": 3}).status_code == 200
+
+
+def test_cli_refuses_a_busy_port(tmp_path, ckpt):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = palmrl_cli("serve", f"ckpt={ckpt}", f"port={port}", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and f"port: cannot listen on 127.0.0.1:{port}" in proc.stderr
