@@ -34,6 +34,7 @@ test-fast: install
 lint: install
 	$(BIN)/python -m compileall -q palmrl scripts tests
 	$(BIN)/python -m palmrl --help > /dev/null
+	$(BIN)/hadolint docker/Dockerfile
 
 bench: install
 	$(BIN)/python scripts/bench_train.py

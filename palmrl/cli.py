@@ -23,10 +23,15 @@ STAGES: dict[str, tuple[str, str]] = {
     "reward": ("palmrl.stages.reward", "train a reward model on preference pairs (Bradley-Terry) or ratings (binned)"),
     "ppo": ("palmrl.stages.ppo", "RLHF with PPO: KL to the SFT reference, GAE, clipped losses, adaptive KL"),
     "sample": ("palmrl.stages.sample", "generate from any checkpoint (best-of-n with a reward model)"),
+    "pipeline": ("palmrl.stages.pipeline", "tokenizer → pretrain → sft → reward → ppo → report, chained by path"),
+    "report": ("palmrl.stages.report", "tables and PNG plots of a run's stages"),
     "selfinstruct": ("palmrl.stages.selfinstruct", "grow seed examples into an instruction set (local or OpenAI-compatible generator)"),
     "dedup": ("palmrl.stages.dedup", "remove exact and near-duplicate records, filter bad ones, report what went"),
     "serve": ("palmrl.stages.serve", "OpenAI-compatible HTTP server over a checkpoint (completions, chat, streaming)"),
 }
+
+# stages that take one bare positional argument: `palmrl report runs/x` means run_dir=runs/x
+POSITIONAL = {"report": "run_dir"}
 
 CONFIG_DIR = Path(os.environ.get("PALMRL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
@@ -92,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     stage, overrides = argv[0], argv[1:]
     if stage not in STAGES:
         _fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
+    if stage in POSITIONAL and overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
+        overrides = [f"{POSITIONAL[stage]}={overrides[0]}", *overrides[1:]]
+    if stage == "pipeline":
+        from palmrl.stages.pipeline import route_overrides
+
+        overrides = route_overrides(overrides)
     if not (CONFIG_DIR / f"{stage}.yaml").is_file():
         _fail(f"no config for stage '{stage}' in {CONFIG_DIR} (set PALMRL_CONFIG_DIR)")
 

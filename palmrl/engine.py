@@ -148,6 +148,7 @@ class Trainer:
         self.export_fn: Callable[[dict], tuple[dict, dict]] = lambda state: (state, {})
         self.final_metrics: dict[str, Any] = {}
         self.manifest_extra: dict[str, Any] = {}  # stage facts for the manifest (LoRA scopes, heads, ...)
+        self.before_final_save: Callable[[], None] = lambda: None  # last checks that go into the final manifest
 
         self._check_out_dir()
         config = ds_config(cfg, dist_info.world_size, optimizer_steps)
@@ -289,6 +290,7 @@ class Trainer:
         if eval_fn is not None:
             eval_metrics = self.evaluate(eval_fn)
         self.final_metrics = dict(eval_metrics)
+        self.before_final_save()
         final = self.save(final=True, metrics=self.final_metrics)
         self.tracker.finish({"final checkpoint": str(final), "steps": self.step,
                              "tokens seen": self.tokens_seen, **self.final_metrics})

@@ -62,3 +62,21 @@ def palmrl_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
     full_env["PALMRL_CONFIG_DIR"] = str(CONFIG_DIR)
     return subprocess.run([sys.executable, "-m", "palmrl", *args], cwd=cwd, env=full_env, text=True,
                           capture_output=True, timeout=timeout, input=stdin)
+
+
+# The test profile of `palmrl pipeline`: the demo's code path with fewer steps (see test_pipeline.py).
+PIPELINE_ARGS = ["run_name=ci"]
+
+
+@pytest.fixture(scope="session")
+def pipeline_args():
+    return list(PIPELINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, pipeline_args):
+    """Run the whole pipeline once per session; returns runs/<run_name>."""
+    work = tmp_path_factory.mktemp("pipeline")
+    proc = palmrl_cli("pipeline", *pipeline_args, cwd=work, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work / "runs" / "ci"

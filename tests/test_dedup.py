@@ -166,5 +166,5 @@ def test_cli_parses_in_and_out(tmp_path):
     proc = palmrl_cli("dedup", f"in={src}", f"out={tmp_path / 'b.jsonl'}", "dedup.method=exact", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "b.report.json").is_file()
-    missing = palmrl_cli("dedup", f"in={tmp_path / 'nope.jsonl'}", f"out={tmp_path / 'c.jsonl'}", cwd=tmp_path, timeout=120)
-    assert missing.returncode == 2 and "in: no such file" in missing.stderr
+    with pytest.raises(UserError, match="in: no such file"):
+        run_stage("dedup", [f"in={tmp_path / 'nope.jsonl'}", f"out={tmp_path / 'c.jsonl'}", f"out_dir={tmp_path}"])

@@ -139,7 +139,11 @@ class OpenAIBackend:
         self.requests = 0  # HTTP requests sent, retries included
         self.retries = 0
         if self.model is None:
-            self.model = self._first_model()
+            try:
+                self.model = self._first_model()
+            except UserError:
+                self.close()
+                raise
 
     def describe(self) -> dict:
         return {"kind": "openai", "base_url": self.base_url, "model": self.model}

@@ -180,13 +180,10 @@ class MinHashIndex:
 
     def prepare(self, text: str):
         """(shingle set, its MinHash): computed once per text for both find and add."""
-        from datasketch import MinHash
-
         words = normalize(text).split()
         n = min(self.ngram, max(1, len(words)))
         shingles = frozenset(" ".join(words[i:i + n]).encode() for i in range(max(1, len(words) - n + 1)))
-        m = MinHash(num_perm=self.num_perm, seed=1, permutations=self._template.permutations,
-                    scheme=self._template.scheme)
+        m = self._template.copy()  # empty, sharing the template's permutations
         m.update_batch(list(shingles))
         return shingles, m
 

@@ -11,9 +11,9 @@ Each round (Wang et al. 2022, https://arxiv.org/abs/2212.10560; Alpaca; Lamini):
    its provenance, and fsync: a crash loses at most the round in flight.
 
 A rerun with the same `out` resumes: the records already there are read back into the pool and the
-count, never rewritten (a half-written last line from a crash is cut off first). With the local
-backend the round's random draws come from (seed, records so far), so the same seed and the same
-file give the same next records.
+count, never rewritten (a half-written last line from a crash is cut off first). Each round's
+draws come from (seed, records so far, round), and the local backend samples tokens from one
+generator seeded once, so with it the same seed, config and file give the same next records.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from palmrl.errors import UserError
 from palmrl.selfinstruct.backends import Backend, GenParams
@@ -101,6 +101,7 @@ def read_kept(path: Path) -> list[dict]:
         if not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("output"), str):
             raise UserError(f"{path}:{number}: not a self-instruct record (no instruction/output); "
                             f"choose another out= or set overwrite=true")
+        obj.setdefault("id", f"gen-{len(kept):06d}")  # in memory only: records from elsewhere may lack one
         kept.append(obj)
     return kept
 
@@ -282,7 +283,3 @@ class SelfInstruct:
         report = self.report(time.perf_counter() - t0)
         write_json_atomic(report_path(self.out), report)
         return report
-
-
-def gen_params(cfg: Mapping, key: str) -> GenParams:
-    return GenParams.from_cfg(dict(cfg), key=key)

@@ -17,12 +17,14 @@ scope copies the reward adapters and its value head the reward head; otherwise f
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+import deepspeed
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -183,7 +185,7 @@ def run(cfg: DictConfig) -> Path:
     # ---- data --------------------------------------------------------------------------------
     prompts = load_prompts(cfg.data, "train")
     on_tasks = str(cfg.data.get("source")) == "tasks"
-    eval_examples = tasks.make_examples("val", int(cfg.train.eval_examples), seed=int(cfg.seed),
+    eval_examples = tasks.make_examples("test", int(cfg.train.eval_examples), seed=int(cfg.seed),
                                         tasks=cfg.data.get("tasks")) if on_tasks else []
     max_new = int(p.max_new_tokens)
     prompt_ids = [render_prompt(tokenizer, as_messages(pr)) for pr in prompts]
@@ -204,8 +206,19 @@ def run(cfg: DictConfig) -> Path:
     trainer.stage_state = lambda: {"kl_ctl": kl_ctl.state_dict()}
     trainer.load_stage_state = lambda state: kl_ctl.load_state_dict(state["kl_ctl"]) if "kl_ctl" in state else None
     actor_lora = {"scopes": {ACTOR: lora_spec["scopes"][ACTOR]}, "active": ACTOR} if use_lora else {}
-    trainer.manifest_extra = {"lora": actor_lora, "ppo": {"reward": str(reward_ckpt.path) if reward_ckpt else None,
-                                                         "reward_fn": cfg.reward_fn, "variant": str(p.variant)}}
+    frozen = [module.palm, reference, reward_model]  # whatever of these exists and must never move
+    frozen_before = frozen_digest(frozen)
+    ppo_facts = {"reward": str(reward_ckpt.path) if reward_ckpt else None, "reward_fn": cfg.reward_fn,
+                 "variant": str(p.variant), "frozen_sha256": {"before": frozen_before}}
+    trainer.manifest_extra = {"lora": actor_lora, "ppo": ppo_facts}
+
+    def check_frozen() -> None:
+        after = frozen_digest(frozen)
+        ppo_facts["frozen_sha256"]["after"] = after
+        if after != frozen_before:
+            raise TrainingDiverged("ppo: a frozen tensor (reference, reward model or shared base) changed during "
+                                   "training; this is a bug, please report it")
+    trainer.before_final_save = check_frozen
     engine, device = trainer.engine, dist.device
 
     def reference_logprobs(sequences: Tensor, attention_mask: Tensor, P: int) -> Tensor:
@@ -342,6 +355,24 @@ def run(cfg: DictConfig) -> Path:
         trainer.manifest_extra["init_accuracy"] = before.accuracy
         start_rows["checker accuracy of the SFT policy"] = round(before.accuracy, 4)
     return trainer.fit(step_fn, eval_fn, start_rows=start_rows)
+
+
+def frozen_digest(modules: Sequence[nn.Module | None]) -> str:
+    """sha256 over every parameter that does not train (the reference, the reward model, a shared base)."""
+    digest = hashlib.sha256()
+    seen: set[int] = set()
+    for module in modules:
+        if module is None:
+            continue
+        for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+            if param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            digest.update(name.encode())
+            gather = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else nullcontext()
+            with gather:  # ZeRO-3 partitions frozen parameters too
+                digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rm_is_scalar(model: RewardModel) -> bool:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from palmrl import checkpoint
 from palmrl.errors import UserError
 from palmrl.generate import generate
+from palmrl.model.palm import ModelConfig
 from palmrl.runtime import seed_everything
 from palmrl.stages.common import model_from_checkpoint
 
@@ -93,9 +94,35 @@ def run(cfg: DictConfig) -> Path | None:
             ids = out.sequences[row, out.prompt_length:][out.response_mask[row]].tolist()
             text, well_formed = decode_response(tokenizer, ids)
             records.append({"prompt_index": index, "prompt": prompt, "response": text,
-                            "tokens": len(ids), "ended": well_formed})
+                            "tokens": len(ids), "ended": well_formed, "chat": chat})
+    if cfg.reward:
+        records = score_records(cfg, ckpt, records)
     write_records(cfg, records)
     return None
+
+
+def score_records(cfg: DictConfig, policy: checkpoint.Checkpoint, records: list[dict]) -> list[dict]:
+    """Score every response with a reward model; with best_of_n keep each prompt's best."""
+    from palmrl.reward import reward_model_from_checkpoint, score_texts
+
+    rm_ckpt = checkpoint.load(cfg.reward, key="reward", stages=["reward"])
+    if rm_ckpt.manifest.get("tokenizer_sha256") != policy.manifest.get("tokenizer_sha256"):
+        raise UserError(f"reward: {rm_ckpt.path} uses a different tokenizer than {policy.path}")
+    rm = reward_model_from_checkpoint(rm_ckpt)
+    max_len = ModelConfig.from_dict(rm_ckpt.model_config).max_seq_len
+    scores = score_texts(rm, rm_ckpt.tokenizer(), [r["prompt"] for r in records], [r["response"] for r in records],
+                         max_len=max_len)
+    for rec, value in zip(records, scores.tolist()):
+        rec["score"] = value
+    if not cfg.best_of_n:
+        return records
+    best: dict[int, dict] = {}
+    for rec in records:
+        group = best.setdefault(rec["prompt_index"], {**rec, "all_scores": []})
+        group["all_scores"].append(rec["score"])
+        if rec["score"] > group["score"]:
+            best[rec["prompt_index"]] = {**rec, "all_scores": group["all_scores"]}
+    return [best[i] for i in sorted(best)]
 
 
 def write_records(cfg: DictConfig, records: list[dict]) -> None:
@@ -106,7 +133,8 @@ def write_records(cfg: DictConfig, records: list[dict]) -> None:
                 sink.write(json.dumps(rec) + "\n")
             elif cfg.format == "text":
                 score = f" [score {rec['score']:.3f}]" if "score" in rec else ""
-                sink.write(f"### prompt {rec['prompt_index']}{score}\n{rec['prompt']}{rec['response']}\n\n")
+                sep = "\n→ " if rec.get("chat") else ""
+                sink.write(f"### prompt {rec['prompt_index']}{score}\n{rec['prompt']}{sep}{rec['response']}\n\n")
             else:
                 raise UserError(f"format must be text or jsonl, got '{cfg.format}'")
     finally:

@@ -12,10 +12,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from palmrl.runtime import seed_everything
-from palmrl.selfinstruct.backends import make_backend
-from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter
-from palmrl.selfinstruct.pipeline import PromptConfig, SelfInstruct, gen_params, load_seeds, report_path
-from palmrl.selfinstruct.filters import dataclass_from_cfg
+from palmrl.selfinstruct.backends import GenParams, make_backend
+from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, dataclass_from_cfg
+from palmrl.selfinstruct.pipeline import PromptConfig, SelfInstruct, load_seeds, report_path
 from palmrl.stages.dedup import print_report
 from palmrl.tracking import console
 
@@ -70,8 +69,8 @@ def run(cfg: DictConfig) -> Path | None:
     try:
         loop = SelfInstruct(backend=backend, seeds=seeds, out=out, target=int(cfg.target),
                             record_filter=record_filter, prompt=dataclass_from_cfg(PromptConfig, cfg.prompt, "prompt"),
-                            instruction=gen_params(cfg.instruction, "instruction"),
-                            response=gen_params(cfg.response, "response"),
+                            instruction=GenParams.from_cfg(cfg.instruction, key="instruction"),
+                            response=GenParams.from_cfg(cfg.response, key="response"),
                             prompts_per_round=int(cfg.prompts_per_round), give_up_after=int(cfg.give_up_after),
                             seed=int(cfg.seed))
         if loop.resumed_from:

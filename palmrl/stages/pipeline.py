@@ -1,0 +1,150 @@
+"""`palmrl pipeline`: tokenizer → pretrain → sft → reward → ppo → report, chained by path.
+
+Each stage runs as its own `palmrl <stage>` process (under `launcher` when given, e.g. torchrun),
+writing under runs/<run_name>/<stage>/. A stage whose final checkpoint exists and was made with
+the same config is skipped; one that was interrupted continues with resume=auto; one finished
+with a different config stops the pipeline rather than overwrite it. So rerunning after a crash
+picks up where it stopped.
+
+Per-stage overrides: `sft.lora=r16` on the pipeline's command line reaches `palmrl sft` as
+`lora=r16` (routed by the CLI through PALMRL_PIPELINE_OVERRIDES, see `route_overrides`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from palmrl.errors import UserError
+from palmrl.tracking import Tracker, console
+
+STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
+ENV_KEY = "PALMRL_PIPELINE_OVERRIDES"
+IGNORED_KEYS = ("out_dir", "resume", "overwrite", "cache_dir")  # differences here never force a rerun
+
+
+def route_overrides(overrides: list[str]) -> list[str]:
+    """Take `<stage>.<key>=<value>` overrides out for that stage; return the pipeline's own."""
+    routed: dict[str, list[str]] = json.loads(os.environ.get(ENV_KEY, "{}"))
+    kept = []
+    for item in overrides:
+        head, _, rest = item.partition(".")
+        if head in STAGES and "=" in rest and not item.startswith(("+", "~")):
+            routed.setdefault(head, []).append(rest)
+        else:
+            kept.append(item)
+    os.environ[ENV_KEY] = json.dumps(routed)
+    return kept
+
+
+def _value(value) -> str:
+    """A value as a Hydra override accepts it: plain when safe, else single-quoted."""
+    text = str(value)
+    return text if re.fullmatch(r"[\w./:@+-]+", text) else "'" + text.replace("'", "\\'") + "'"
+
+
+def stage_args(cfg: DictConfig, stage: str, run_dir: Path) -> list[str]:
+    """The command-line overrides one stage gets: chaining paths, shared choices, then the user's."""
+    common = [f"run_name={_value(cfg.run_name)}", f"seed={cfg.seed}", f"precision={cfg.precision}",
+              f"cache_dir={_value(Path(str(cfg.cache_dir)).expanduser())}"]
+    pretrain = str(cfg.pretrain_ckpt) if cfg.pretrain_ckpt else str(run_dir / "pretrain")
+    chain = {
+        "tokenizer": [f"model={cfg.model}"],
+        "pretrain": [f"model={cfg.model}", f"zero={cfg.zero}"],
+        "sft": [f"zero={cfg.zero}", f"init_from={_value(pretrain)}"],
+        "reward": [f"zero={cfg.zero}", f"init_from={_value(run_dir / 'sft')}"],
+        "ppo": [f"zero={cfg.zero}", f"policy={_value(run_dir / 'sft')}", f"reward={_value(run_dir / 'reward')}"],
+        "report": [f"run_dir={_value(run_dir)}"],
+    }[stage]
+    if stage == "report":
+        common = common[:2]
+    defaults = list(cfg.stage_overrides.get(stage, []))
+    user = json.loads(os.environ.get(ENV_KEY, "{}")).get(stage, [])
+    return [*common, *chain, *defaults, *user]
+
+
+def _plain(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+
+
+def _compose(stage: str, args: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from palmrl.cli import CONFIG_DIR
+
+    def build() -> dict:
+        cfg = compose(config_name=stage, overrides=args)
+        return OmegaConf.to_container(cfg, resolve=True)
+
+    if GlobalHydra.instance().is_initialized():
+        return build()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        return build()
+
+
+def plan(stage: str, args: list[str], run_dir: Path) -> str:
+    """run | skip | resume for a stage, from what its folder already holds."""
+    folder = run_dir / stage
+    if stage == "report":
+        return "run"
+    if stage == "tokenizer":
+        return "skip" if any((folder / f).is_file() for f in ("tokenizer.model", "tokenizer.json")) else "run"
+    final = folder / "final" / "manifest.json"
+    if final.is_file():
+        done = _plain(json.loads(final.read_text()).get("config", {}))
+        wanted = _plain(_compose(stage, args))
+        if done == wanted:
+            return "skip"
+        changed = sorted(k for k in set(done) | set(wanted) if done.get(k) != wanted.get(k))
+        raise UserError(f"pipeline: {folder} holds a finished {stage} run made with a different config "
+                        f"(differs in: {', '.join(changed[:4])}); choose another run_name, or add "
+                        f"{stage}.overwrite=true to replace it")
+    if (folder / "deepspeed" / "latest").is_file():
+        return "resume"
+    return "run"
+
+
+def run(cfg: DictConfig) -> Path:
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STAGES)}")
+    run_dir = Path("runs") / str(cfg.run_name)
+    launcher = shlex.split(str(cfg.launcher)) if cfg.launcher else []
+    tracker = Tracker(run_dir, enabled=True, total_steps=len(cfg.stages), stage="pipeline")
+    timings: dict[str, str] = {}
+    t_start = time.perf_counter()
+    for stage in cfg.stages:
+        args = stage_args(cfg, stage, run_dir)
+        action = plan(stage, args, run_dir)
+        if action == "skip":
+            console.print(f"[bold]pipeline[/] {stage}: already done in {run_dir / stage}, skipped")
+            timings[stage] = "skipped (done)"
+            continue
+        if action == "resume":
+            args.append("resume=auto")
+        training = stage in ("pretrain", "sft", "reward", "ppo")
+        starter = launcher if training and launcher else [sys.executable]
+        command = [*starter, "-m", "palmrl", stage, *args]
+        console.print(f"[bold]pipeline[/] {stage}: {'continuing' if action == 'resume' else 'running'} "
+                      f"`palmrl {stage} {' '.join(args)}`")
+        t0 = time.perf_counter()
+        code = subprocess.call(command)
+        if code != 0:
+            raise UserError(f"pipeline: stage {stage} failed (exit {code}); fix it and rerun `palmrl pipeline "
+                            f"run_name={cfg.run_name}` to continue from there")
+        timings[stage] = f"{time.perf_counter() - t0:.0f} s"
+    timings["total"] = f"{time.perf_counter() - t_start:.0f} s"
+    tracker.summary(f"palmrl pipeline: {run_dir}", timings)
+    report = run_dir / "report" / "report.md"
+    if report.is_file():
+        console.print(f"[bold green]report:[/] {report}")
+    return run_dir

@@ -1,0 +1,71 @@
+"""The main job: `palmrl pipeline` end to end on the embedded data, with every stage's quality gate.
+
+One pipeline run (the test profile: the same code path, fewer steps) is shared by the stage tests
+in test_stages.py through the `pipeline_run` fixture in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def manifest(run_dir, stage):
+    return json.loads((run_dir / stage / "final" / "manifest.json").read_text())
+
+
+def test_pretrain_beats_unigram_baseline(pipeline_run):
+    m = manifest(pipeline_run, "pretrain")["metrics"]
+    assert m["loss"] < m["unigram_loss"] - 0.3, m
+
+
+def test_sft_raises_checker_accuracy(pipeline_run):
+    sft = manifest(pipeline_run, "sft")
+    acc, before = sft["metrics"]["accuracy"], sft["init_accuracy"]
+    assert acc >= before + 0.15, (before, acc)
+    assert sft["metrics"]["format_rate"] >= 0.9
+
+
+def test_reward_model_accuracy_above_chance(pipeline_run):
+    acc = manifest(pipeline_run, "reward")["metrics"]["accuracy"]
+    assert acc >= 0.75, acc
+
+
+def test_ppo_raises_true_reward_with_bounded_kl(pipeline_run):
+    ppo = manifest(pipeline_run, "ppo")
+    sft_acc = manifest(pipeline_run, "sft")["metrics"]["accuracy"]
+    assert ppo["init_accuracy"] == pytest.approx(sft_acc, abs=0.02)  # same held-out measure, same policy
+    assert ppo["metrics"]["accuracy"] >= ppo["init_accuracy"] + 0.05, (ppo["init_accuracy"], ppo["metrics"])
+    rows = [json.loads(l) for l in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["kl"] for r in rows if r["split"] == "train"]
+    bound = ppo["config"]["ppo"]["max_kl"]
+    assert max(kls) < bound and kls[-1] > 0.0
+
+
+def test_best_of_n_not_worse_than_single_sample(pipeline_run):
+    report = json.loads((pipeline_run / "report" / "report.json").read_text())
+    curve = report["best_of_n"]
+    rewards = {int(row["n"]): row["true_reward"] for row in curve["rows"]} if "rows" in curve else \
+        {int(n): v["true_reward"] for n, v in curve.items()}
+    ns = sorted(rewards)
+    assert rewards[ns[-1]] >= rewards[ns[0]], rewards
+
+
+def test_report_lists_real_plots(pipeline_run):
+    report_dir = pipeline_run / "report"
+    text = (report_dir / "report.md").read_text()
+    pngs = sorted(report_dir.glob("*.png"))
+    assert pngs, "no plots"
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert png.name in text
+
+
+def test_rerun_skips_finished_stages(pipeline_run, pipeline_args, tmp_path):
+    from conftest import palmrl_cli
+
+    proc = palmrl_cli("pipeline", *pipeline_args, "stages=[pretrain,sft]", cwd=pipeline_run.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pretrain: already done" in proc.stderr and "sft: already done" in proc.stderr

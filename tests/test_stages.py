@@ -1,0 +1,250 @@
+"""sft, reward and ppo beyond the pipeline's quality gates: LoRA freezing and merging, exact resume,
+2 ranks under torchrun, the binned reward model, verifiable rewards, frozen models, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_stage
+from palmrl.errors import UserError
+
+SFT_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.eval_examples=16", "train.log_every=1",
+             "data.train_size=512", "data.val_size=32", "train.micro_batch_size=16"]
+REWARD_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.log_every=1", "data.train_size=256",
+                "data.val_size=64", "train.micro_batch_size=16"]
+PPO_SMALL = ["train.max_steps=4", "train.eval_every=0", "train.eval_examples=16", "ppo.rollout_batch=16",
+             "ppo.minibatch=8", "ppo.max_new_tokens=8", "train.save_every=0"]
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_resume_reproduces(stage: str, args: list[str], tmp_path, stop_after: int):
+    """k steps, stop, resume=auto, the rest == one uninterrupted run (weights, adapters, metrics)."""
+    straight, broken = tmp_path / f"{stage}-straight", tmp_path / f"{stage}-broken"
+    run_stage(stage, [*args, f"out_dir={straight}"])
+    run_stage(stage, [*args, f"out_dir={broken}", f"train.stop_after={stop_after}"])
+    assert not (broken / "final").exists()
+    run_stage(stage, [*args, f"out_dir={broken}", "resume=auto"])
+    for name in ("model.safetensors", "adapters.safetensors"):
+        if (straight / "final" / name).exists():
+            a, b = load_file(straight / "final" / name), load_file(broken / "final" / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert strip(metrics(straight)) == strip(metrics(broken))
+
+
+def run_torchrun(stage: str, args: list[str]):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "palmrl", stage, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---- sft -------------------------------------------------------------------------------------
+
+def test_sft_lora_trains_adapters_only_and_merges_exactly(pipeline_run, tmp_path, dist_env):
+    from palmrl import checkpoint
+    from palmrl.stages.common import model_from_checkpoint, policy_from_checkpoint
+
+    out = run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "lora=r8", f"out_dir={tmp_path / 'sft'}", *SFT_SMALL])
+    base = load_file(pipeline_run / "pretrain" / "final" / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert base.keys() == after.keys() and all(torch.equal(base[k], after[k]) for k in base), "base weights moved"
+    adapters = load_file(out / "adapters.safetensors")
+    assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k), "adapters did not train"
+
+    ckpt = checkpoint.load(out, stages=["sft"])
+    unmerged = model_from_checkpoint(ckpt).eval()
+    merged, _ = policy_from_checkpoint(ckpt)
+    tokens = torch.randint(7, 2048, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(tokens), merged.eval()(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_sft_resume_reproduces(pipeline_run, tmp_path, dist_env):
+    assert_resume_reproduces("sft", [f"init_from={pipeline_run / 'pretrain'}", *SFT_SMALL], tmp_path, stop_after=3)
+
+
+def test_sft_two_ranks_zero2(pipeline_run, tmp_path):
+    out = tmp_path / "sft2"
+    run_torchrun("sft", [f"init_from={pipeline_run / 'pretrain'}", "zero=stage2", f"out_dir={out}", *SFT_SMALL])
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    assert manifest["config"]["zero"]["stage"] == 2 and "accuracy" in manifest["metrics"]
+
+
+def test_sft_bad_input(pipeline_run, tmp_path, dist_env):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2"):
+        run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "data=my_instructions", f"data.path={bad}",
+                          f"out_dir={tmp_path / 'x'}"])
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    with pytest.raises(UserError, match=r"missing\.jsonl:2.*output"):
+        run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "data=my_instructions", f"data.path={missing}",
+                          "data.val_fraction=0.0", f"out_dir={tmp_path / 'y'}"])
+    with pytest.raises(UserError, match="is a reward checkpoint"):
+        run_stage("sft", [f"init_from={pipeline_run / 'reward'}", f"out_dir={tmp_path / 'z'}"])
+    with pytest.raises(UserError, match="lora.rank"):
+        run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "lora.rank=4096", f"out_dir={tmp_path / 'w'}"])
+
+
+# ---- reward ----------------------------------------------------------------------------------
+
+def test_pairwise_loss_flips_when_halves_swap():
+    from palmrl.reward import pairwise_loss
+
+    chosen, rejected = torch.tensor([1.0, 0.5, -0.2]), torch.tensor([0.0, 1.0, -1.0])
+    a, b = pairwise_loss(chosen, rejected), pairwise_loss(rejected, chosen)
+    gap = chosen - rejected
+    torch.testing.assert_close(a.loss, -torch.nn.functional.logsigmoid(gap).mean())
+    torch.testing.assert_close(b.loss, -torch.nn.functional.logsigmoid(-gap).mean())
+    assert a.accuracy.item() == pytest.approx(2 / 3) and b.accuracy.item() == pytest.approx(1 / 3)
+    assert a.margin.item() == pytest.approx(-b.margin.item())
+
+
+def test_reward_lora_leaves_trunk_untouched(pipeline_run):
+    from palmrl import checkpoint
+    from palmrl.stages.common import policy_from_checkpoint
+
+    reward = checkpoint.load(pipeline_run / "reward", stages=["reward"])
+    trunk = {k: v for k, v in reward.weights().items() if not k.startswith("reward_head.")}
+    sft_policy, _ = policy_from_checkpoint(checkpoint.load(pipeline_run / "sft"))
+    expected = {k: v.detach() for k, v in sft_policy.named_parameters()}
+    assert trunk.keys() == expected.keys()
+    assert all(torch.equal(trunk[k], expected[k]) for k in trunk)
+    assert reward.manifest["lora"]["scopes"]["reward"]["rank"] > 0
+
+
+def test_binned_reward_orders_responses_by_rating(pipeline_run, tmp_path, dist_env):
+    from palmrl import checkpoint
+    from palmrl.data.preferences import load_ratings
+    from palmrl.reward import reward_model_from_checkpoint, score_texts
+
+    out = run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=ratings", "reward.objective=binned",
+                               "reward.num_bins=5", f"out_dir={tmp_path / 'binned'}", "train.max_steps=60",
+                               "train.eval_every=0", "data.train_size=2000", "data.val_size=200"])
+    ckpt = checkpoint.load(out, stages=["reward"])
+    rm = reward_model_from_checkpoint(ckpt)
+    rated = load_ratings({"source": "tasks", "val_size": 200, "seed": 0}, "val", 5)
+    scores = score_texts(rm, ckpt.tokenizer(), [r.prompt for r in rated], [r.response for r in rated], max_len=96)
+    top = scores[[r.rating == 5 for r in rated]].mean()
+    bottom = scores[[r.rating <= 2 for r in rated]].mean()
+    assert top > bottom + 0.3, (top.item(), bottom.item())
+    assert ckpt.manifest["metrics"]["accuracy"] > 1 / 5 + 0.1
+
+
+def test_reward_resume_and_two_ranks(pipeline_run, tmp_path, dist_env):
+    args = [f"init_from={pipeline_run / 'sft'}", *REWARD_SMALL]
+    assert_resume_reproduces("reward", args, tmp_path, stop_after=3)
+    run_torchrun("reward", [*args, "zero=stage2", f"out_dir={tmp_path / 'r2'}"])
+    assert (tmp_path / "r2" / "final" / "model.safetensors").is_file()
+
+
+def test_reward_bad_input(pipeline_run, tmp_path, dist_env):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "p1", "chosen": "a", "rejected": "a"},
+        {"prompt": "p2", "chosen": "good", "rejected": "bad"},
+        {"prompt": "p3", "chosen": "x"},
+    ]))
+    with pytest.raises(UserError, match=r"pairs\.jsonl:3.*rejected"):
+        run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=my_prefs", f"data.path={pairs}",
+                             "data.val_fraction=0.0", f"out_dir={tmp_path / 'a'}"])
+    ratings = tmp_path / "ratings.jsonl"
+    ratings.write_text(json.dumps({"prompt": "p", "response": "r", "rating": 9}) + "\n")
+    with pytest.raises(UserError, match="rating"):
+        run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=ratings", "data.source=local",
+                             f"+data.path={ratings}", "reward.objective=binned", f"out_dir={tmp_path / 'b'}"])
+    with pytest.raises(UserError, match="is a ppo checkpoint"):
+        run_stage("reward", [f"init_from={pipeline_run / 'ppo'}", f"out_dir={tmp_path / 'c'}"])
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path):
+    from palmrl.data.preferences import load_preference_pairs
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "same" if i % 2 else "good",
+                                         "rejected": "same" if i % 2 else "bad"}) + "\n" for i in range(10)))
+    kept, stats = load_preference_pairs({"source": "local", "path": str(pairs), "val_fraction": 0.0}, "train")
+    assert stats["dropped_identical"] == 5 and len(kept) == 5
+
+
+# ---- ppo -------------------------------------------------------------------------------------
+
+def test_ppo_keeps_reference_and_reward_frozen(pipeline_run):
+    from palmrl import checkpoint
+    from palmrl.stages.common import policy_from_checkpoint
+
+    ppo = checkpoint.load(pipeline_run / "ppo", stages=["ppo"])
+    frozen = ppo.manifest["ppo"]["frozen_sha256"]
+    assert frozen["before"] == frozen["after"]
+    sft_policy, _ = policy_from_checkpoint(checkpoint.load(pipeline_run / "sft"))
+    base = ppo.weights()
+    assert all(torch.equal(base[k], v.detach()) for k, v in sft_policy.named_parameters())
+    assert any(v.abs().sum() > 0 for k, v in ppo.adapters().items() if "lora_B" in k), "actor did not move"
+
+
+def test_ppo_with_verifiable_reward_fn(pipeline_run, tmp_path, dist_env):
+    out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker",
+                            f"out_dir={tmp_path / 'rlvr'}", *PPO_SMALL])
+    rows = [m for m in metrics(out.parent) if m["split"] == "train"]
+    assert len(rows) == 4 and all(0.0 <= r["true_reward"] <= 1.0 for r in rows)
+    assert all(r["reward"] == pytest.approx(r["true_reward"] - (1 - r["eos_rate"]), abs=1e-6) for r in rows)
+
+
+def test_ppo_resume_and_two_ranks(pipeline_run, tmp_path, dist_env):
+    args = [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", *PPO_SMALL]
+    assert_resume_reproduces("ppo", args, tmp_path, stop_after=2)
+    run_torchrun("ppo", [*args, "zero=stage2", f"out_dir={tmp_path / 'p2'}"])
+    assert (tmp_path / "p2" / "final" / "adapters.safetensors").is_file()
+
+
+def test_ppo_bad_input(pipeline_run, tmp_path, dist_env):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="prompts"):
+        run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", "data=my_prompts",
+                          f"data.path={empty}", f"out_dir={tmp_path / 'a'}"])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 400}) + "\n")
+    with pytest.raises(UserError, match="max_seq_len"):
+        run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", "data=my_prompts",
+                          f"data.path={long}", "data.val_fraction=0.0", f"out_dir={tmp_path / 'b'}"])
+    with pytest.raises(UserError, match="different tokenizer"):
+        other = tmp_path / "other-reward"
+        _reward_with_other_tokenizer(pipeline_run, other)
+        run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={other}", f"out_dir={tmp_path / 'c'}"])
+
+
+def _reward_with_other_tokenizer(pipeline_run, folder):
+    """A copy of the reward checkpoint whose tokenizer differs (the byte tokenizer)."""
+    from palmrl import checkpoint
+    from palmrl.tokenizer import byte_tokenizer
+
+    src = checkpoint.load(pipeline_run / "reward")
+    checkpoint.save(folder / "final", stage="reward", step=src.manifest["step"], weights=src.weights(),
+                    adapters=src.adapters(), model_config=src.model_config, tokenizer=byte_tokenizer(),
+                    extra={k: src.manifest[k] for k in ("lora", "reward")})
+
+
+def test_sample_best_of_n_keeps_the_top_score(pipeline_run, tmp_path):
+    from conftest import palmrl_cli
+
+    proc = palmrl_cli("sample", f"ckpt={pipeline_run / 'ppo'}", f"reward={pipeline_run / 'reward'}", "num_samples=4",
+                      "best_of_n=true", "format=jsonl", "temperature=1.0", "prompt=What is the capital of France?",
+                      "max_new_tokens=8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 1 and len(rows[0]["all_scores"]) == 4
+    assert rows[0]["score"] == pytest.approx(max(rows[0]["all_scores"]))
