@@ -38,7 +38,9 @@ lint: install
 
 bench: install
 	$(BIN)/python scripts/bench_train.py
-	test ! -f scripts/bench_ppo.py || $(BIN)/python scripts/bench_ppo.py
+	$(BIN)/python scripts/bench_ppo.py
+	$(BIN)/python scripts/bench_dedup.py
+	$(BIN)/python scripts/bench_serve.py
 
 clean:
 	rm -rf runs outputs multirun wandb .pytest_cache

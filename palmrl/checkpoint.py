@@ -79,7 +79,15 @@ class Checkpoint:
     def tokenizer(self):
         from palmrl.tokenizer import Tokenizer
 
-        return Tokenizer.load(self.path)
+        tokenizer = Tokenizer.load(self.path)
+        expected = self.manifest.get("tokenizer_sha256")
+        if expected and tokenizer.content_hash() != expected:
+            raise UserError(f"checkpoint {self.path}: its tokenizer does not match tokenizer_sha256 in {MANIFEST}")
+        vocab = yaml.safe_load((self.path / MODEL_YAML).read_text()).get("vocab_size")
+        if vocab != tokenizer.vocab_size:
+            raise UserError(f"checkpoint {self.path}: tokenizer has {tokenizer.vocab_size} ids but {MODEL_YAML} "
+                            f"says vocab_size {vocab}")
+        return tokenizer
 
     def _verified(self, name: str) -> Path:
         file = self.path / name

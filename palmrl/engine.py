@@ -197,6 +197,7 @@ class Trainer:
     def maybe_resume(self) -> int:
         tag = self._resume_tag()
         if tag is None:
+            self.tracker.truncate_after(0)  # a run that died before its first checkpoint starts over
             if self.cfg.resume == "auto" and self.dist.is_main:
                 self.tracker.summary("resume", {"resume": "no checkpoint yet: starting from step 0"})
             return 0

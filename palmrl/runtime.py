@@ -50,7 +50,8 @@ def init_distributed() -> Dist:
         _single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     if "OMP_NUM_THREADS" not in os.environ:
         # the deepspeed launcher leaves threads unset: N ranks each using all cores thrash (4x slower)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))

@@ -20,8 +20,8 @@ space marker) is encoded through its UTF-8 byte pieces, since SentencePiece woul
 space. Newline is a user-defined piece of its own: SentencePiece trains on lines and never sees it.
 
 The byte kind needs no training: ids 0..6 are the specials and id 7 + b is byte b, so its
-vocab_size is 263. It is not padded; a model that wants a round embedding table (a multiple of 64)
-pads its own and only needs `model.vocab_size >= tokenizer.vocab_size`.
+vocab_size is 263. It is not padded: palmrl checks that model.vocab_size equals the tokenizer's
+(set model.vocab_size=263 to use it).
 """
 
 from __future__ import annotations

@@ -70,6 +70,29 @@ def embedded_task_pairs(split: str, n: int, seed: int = 0, tasks: Sequence[str] 
     ]
 
 
+def policy_task_pairs(policy, tokenizer, split: str, n: int, *, seed: int = 0, tasks: Sequence[str] | None = None,
+                      samples: int = 2, max_new_tokens: int = 16, temperature: float = 1.0) -> list[PreferencePair]:
+    """Pairs whose rejected reply is the policy's own wrong answer, labelled by the task checker.
+
+    This is the InstructGPT recipe — comparisons of model samples, labelled by a judge — with the
+    checker as the judge: the reward model learns to rank exactly what PPO will show it. Each
+    prompt gets `samples` samples; every wrong one is paired against the correct answer. Prompts
+    whose samples are all right give no pair.
+    """
+    from palmrl.evaluate import respond
+
+    examples = task_lib.make_examples(split, n, seed=seed, tasks=tasks)
+    prompts = [ex.prompt for ex in examples for _ in range(samples)]
+    replies = respond(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                      seed=seed).texts
+    pairs = []
+    for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+        answer = examples[i // samples].output
+        if reply.strip() and task_lib.check(prompt, reply) == 0.0 and reply.strip() != answer:
+            pairs.append(PreferencePair(prompt, answer, reply))
+    return pairs
+
+
 def embedded_task_ratings(
     split: str, n: int, num_bins: int, seed: int = 0, tasks: Sequence[str] | None = None
 ) -> list[RatedResponse]:

@@ -95,9 +95,6 @@ def model_from_checkpoint(ckpt: checkpoint.Checkpoint, *, adapters: bool = True)
     load_palm_weights(model, ckpt.weights(), where=str(ckpt.path))
     if adapters:
         attach_adapters(model, ckpt)
-    tokenizer_vocab = ckpt.manifest.get("tokenizer_vocab_size")
-    if tokenizer_vocab is not None and tokenizer_vocab != config.vocab_size:
-        raise UserError(f"{ckpt.path}: tokenizer has {tokenizer_vocab} ids but model.yaml says {config.vocab_size}")
     return model
 
 

@@ -91,9 +91,16 @@ def _compose(stage: str, args: list[str]) -> dict:
         return build()
 
 
-def plan(stage: str, args: list[str], run_dir: Path) -> str:
-    """run | skip | resume for a stage, from what its folder already holds."""
+def plan(stage: str, args: list[str], run_dir: Path, *, upstream_changed: bool = False) -> str:
+    """run | skip | resume | replace for a stage, from what its folder already holds.
+
+    A finished stage is skipped when its config is the one wanted and its parent is still the
+    checkpoint it was trained from; it is replaced (overwrite=true) when an upstream stage was
+    just redone or the user asked with `<stage>.overwrite=true`.
+    """
     folder = run_dir / stage
+    if "overwrite=true" in args and (folder / "final").exists():
+        return "replace"
     if stage == "report":
         return "run"
     if stage == "tokenizer":
@@ -103,11 +110,13 @@ def plan(stage: str, args: list[str], run_dir: Path) -> str:
         done = _plain(json.loads(final.read_text()).get("config", {}))
         wanted = _plain(_compose(stage, args))
         if done == wanted:
-            return "skip"
+            return "replace" if upstream_changed else "skip"
         changed = sorted(k for k in set(done) | set(wanted) if done.get(k) != wanted.get(k))
         raise UserError(f"pipeline: {folder} holds a finished {stage} run made with a different config "
                         f"(differs in: {', '.join(changed[:4])}); choose another run_name, or add "
                         f"{stage}.overwrite=true to replace it")
+    if (folder / "deepspeed" / "latest").is_file() and upstream_changed:
+        return "replace"
     if (folder / "deepspeed" / "latest").is_file():
         return "resume"
     return "run"
@@ -117,23 +126,28 @@ def run(cfg: DictConfig) -> Path:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STAGES)}")
+    stages = [s for s in cfg.stages if not (cfg.pretrain_ckpt and s in ("tokenizer", "pretrain"))]
     run_dir = Path("runs") / str(cfg.run_name)
     launcher = shlex.split(str(cfg.launcher)) if cfg.launcher else []
     tracker = Tracker(run_dir, enabled=True, total_steps=len(cfg.stages), stage="pipeline")
     timings: dict[str, str] = {}
     t_start = time.perf_counter()
-    for stage in cfg.stages:
+    rerun_upstream = False
+    for stage in stages:
         args = stage_args(cfg, stage, run_dir)
-        action = plan(stage, args, run_dir)
+        action = plan(stage, args, run_dir, upstream_changed=rerun_upstream)
         if action == "skip":
             console.print(f"[bold]pipeline[/] {stage}: already done in {run_dir / stage}, skipped")
             timings[stage] = "skipped (done)"
             continue
         if action == "resume":
             args.append("resume=auto")
+        if action == "replace":
+            args.append("overwrite=true")
+        rerun_upstream = True
         training = stage in ("pretrain", "sft", "reward", "ppo")
-        starter = launcher if training and launcher else [sys.executable]
-        command = [*starter, "-m", "palmrl", stage, *args]
+        starter = launcher if training and launcher else [sys.executable, "-m"]
+        command = [*starter, "palmrl", stage, *args]
         console.print(f"[bold]pipeline[/] {stage}: {'continuing' if action == 'resume' else 'running'} "
                       f"`palmrl {stage} {' '.join(args)}`")
         t0 = time.perf_counter()

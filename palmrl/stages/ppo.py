@@ -10,8 +10,9 @@ Models. With LoRA (the default) one frozen base holds the SFT policy; the actor 
 adapter scopes on it, the reference is the base with no scope, and a LoRA reward model whose base
 is the same SFT checkpoint becomes a third scope: the base sits in memory once. With lora=none the
 actor is fully trained and the reference and critic trunk are separate copies.
-The critic starts from the reward model when it can (critic_init=reward, InstructGPT's choice): its
-scope copies the reward adapters and its value head the reward head; otherwise fresh.
+The critic starts from the reward model (critic_init=reward, InstructGPT's choice): the value head
+copies a pairwise reward head, and with a shared base the critic scope copies the reward adapters
+too. critic_init=policy (or a binned reward model, or reward_fn) starts a fresh value head.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"data: ppo needs prompts (data=prompts|my_prompts), got kind={cfg.data.get('kind')}")
     if p.variant not in ("standard", "reference"):
         raise UserError(f"ppo.variant must be standard or reference, got '{p.variant}'")
+    if str(p.critic_init) not in ("reward", "policy"):
+        raise UserError(f"ppo.critic_init must be reward or policy, got '{p.critic_init}'")
     rollout_batch, minibatch = int(p.rollout_batch), int(p.minibatch)
     if rollout_batch % minibatch:
         raise UserError(f"ppo.rollout_batch ({rollout_batch}) must be a multiple of ppo.minibatch ({minibatch})")
@@ -284,6 +287,7 @@ def run(cfg: DictConfig) -> Path:
 
     def step_fn(step: int) -> dict:
         data, stats = rollout(step)
+        stats["kl"] = mean_over_ranks(stats["kl"])  # every rank sees the same KL: same β, same stop decision
         if not math.isfinite(stats["kl"]) or stats["kl"] > float(p.max_kl):
             raise TrainingDiverged(f"ppo: mean KL {stats['kl']:.2f} exceeds ppo.max_kl={p.max_kl} at iteration {step}; "
                                    f"{trainer.last_good()} (lower optim.lr or raise ppo.kl_coef)")
@@ -355,6 +359,16 @@ def run(cfg: DictConfig) -> Path:
         trainer.manifest_extra["init_accuracy"] = before.accuracy
         start_rows["checker accuracy of the SFT policy"] = round(before.accuracy, 4)
     return trainer.fit(step_fn, eval_fn, start_rows=start_rows)
+
+
+def mean_over_ranks(value: float) -> float:
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(tensor)
+    return tensor.item() / torch_dist.get_world_size()
 
 
 def frozen_digest(modules: Sequence[nn.Module | None]) -> str:

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.data.instructions import SFTBatches
-from palmrl.data.preferences import collate_pairs, collate_ratings, load_preference_pairs, load_ratings
+from palmrl.data.preferences import (collate_pairs, collate_ratings, load_preference_pairs, load_ratings,
+                                     policy_task_pairs)
 from palmrl.engine import Trainer
 from palmrl.errors import UserError
 from palmrl.reward import RewardModel, binned_loss, pairwise_loss
@@ -27,6 +28,17 @@ SCOPE = "reward"
 def export_reward(state: dict) -> tuple[dict, dict]:
     """Module names `palm.*` become plain PaLM names; the head keeps `reward_head.*`."""
     return export_split({k.removeprefix("palm."): v for k, v in state.items()})
+
+
+def with_policy_negatives(palm, tokenizer, cfg: DictConfig, share: float, train: list, val: list) -> tuple[list, list]:
+    """Replace `share` of the synthetic pairs by pairs against the policy's own wrong samples."""
+    mixed = []
+    for split, items in (("train", train), ("val", val)):
+        wanted = int(len(items) * share)
+        sampled = policy_task_pairs(palm, tokenizer, split, wanted, seed=int(cfg.seed) + 1, tasks=cfg.data.get("tasks"),
+                                    max_new_tokens=16)
+        mixed.append(items[:len(items) - len(sampled[:wanted])] + sampled[:wanted])
+    return mixed[0], mixed[1]
 
 
 def run(cfg: DictConfig) -> Path:
@@ -46,6 +58,8 @@ def run(cfg: DictConfig) -> Path:
     lora = apply_lora(palm, cfg.lora, SCOPE)
     model = RewardModel(palm, objective=objective, num_bins=int(cfg.reward.num_bins))
     max_len = int(cfg.train.max_len)
+    if max_len > model_config.max_seq_len:
+        raise UserError(f"train.max_len ({max_len}) exceeds model.max_seq_len ({model_config.max_seq_len}) of {parent.path}")
 
     # data
     num_bins = int(cfg.reward.num_bins)
@@ -53,6 +67,12 @@ def run(cfg: DictConfig) -> Path:
         train_items, stats = load_preference_pairs(cfg.data, "train")
         val_items, val_stats = load_preference_pairs(cfg.data, "val")
         stats = {**stats, "val_dropped_identical": val_stats["dropped_identical"]}
+        share = float(cfg.data.get("policy_negatives") or 0.0)
+        if share > 0:
+            if str(cfg.data.get("source")) != "tasks":
+                raise UserError("data.policy_negatives needs data.source=tasks (the checker labels the samples)")
+            train_items, val_items = with_policy_negatives(palm, tokenizer, cfg, share, train_items, val_items)
+            stats["policy_negative_pairs"] = {"train": len(train_items), "val": len(val_items)}
         collate = lambda items: collate_pairs(tokenizer, items, max_len)  # noqa: E731
     else:
         train_items, val_items = load_ratings(cfg.data, "train", num_bins), load_ratings(cfg.data, "val", num_bins)

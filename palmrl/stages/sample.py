@@ -74,6 +74,8 @@ def run(cfg: DictConfig) -> Path | None:
     if cfg.precision == "bf16":
         model = model.to(torch.bfloat16)
     chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
+    if cfg.best_of_n and not cfg.reward:
+        raise UserError("best_of_n=true needs reward=<a reward checkpoint> to pick the best sample")
     prompts = read_prompts(cfg)
     n = int(cfg.num_samples)
     if n <= 0:
