@@ -49,7 +49,9 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
     if zero.get("stage") not in (0, 1, 2, 3):
         raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {zero.get('stage')}")
     total = int(optimizer_steps or train.max_steps)
-    warmup = min(int(optim.warmup_steps), max(0, total - 1))
+    if int(optim.warmup_steps) < 0:
+        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    warmup = max(1, min(int(optim.warmup_steps), total - 1))  # DeepSpeed's schedule needs >= 1 (1 step ≈ none)
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,

@@ -81,8 +81,12 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
 def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, pad_id: int = 0, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Generation:
-    """Sample up to `max_new_tokens` after each prompt; see the module docstring."""
+             use_cache: bool = True, stop_early: bool = True) -> Generation:
+    """Sample up to `max_new_tokens` after each prompt; see the module docstring.
+
+    `stop_early=False` always takes max_new_tokens steps: ranks of a ZeRO-3 model must make the
+    same number of forward calls, whatever their own rows do.
+    """
     if max_new_tokens <= 0:
         raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
     device = next(model.parameters()).device
@@ -114,7 +118,7 @@ def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
             if eos_id is not None:
                 finished |= next_token == eos_id
             steps += 1
-            if steps == max_new_tokens or bool(finished.all()):
+            if steps == max_new_tokens or (stop_early and bool(finished.all())):
                 break
 
             # next-token logits: feed only the new column through the cache, or everything again

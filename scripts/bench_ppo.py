@@ -1,7 +1,8 @@
 """Benchmark `palmrl ppo` on this machine: rollout speed, iteration time and peak memory.
 
-    python scripts/bench_ppo.py            # full run, ~3 minutes on 2 CPU cores
-    python scripts/bench_ppo.py --quick    # smoke run, ~1.5 minutes
+    python scripts/bench_ppo.py              # full run, ~2 minutes on 2 CPU cores
+    python scripts/bench_ppo.py --quick      # smoke run, ~1 minute (shorter; targets not judged)
+    python scripts/bench_ppo.py --threads 2  # torch threads per process (default 1: the cores are shared)
 
 At a fixed small config (model=palm_small, ~27M params, with a sentencepiece tokenizer of 8192
 ids trained on the embedded corpus; the SFT policy and a LoRA reward model on the same base are
@@ -12,12 +13,14 @@ built with random weights, not trained; prompts are the embedded tasks):
   2. PPO iteration time (rollout + scoring + updates) of the real stage, read from its
      metrics.jsonl, and how much of it is generation;
   3. peak RSS (`ru_maxrss`) of the PPO process with shared-base LoRA against one model's full
-     training (`palmrl sft lora=none`, same model and batch), and of PPO with lora=none (separate
-     reference and critic copies) for contrast; target: PPO with LoRA at most 1.5x the single
-     model. Raw peaks, nothing subtracted; the baseline row is a process that only imports
-     torch, DeepSpeed and palmrl.
+     training (`palmrl sft lora=none`, same model, PPO's minibatch; also the same training in
+     plain PyTorch without DeepSpeed, the leanest reference), and of PPO with lora=none (separate
+     reference, critic and reward copies) for contrast; target: PPO with LoRA at most 1.5x one
+     model's training. Raw peaks, nothing subtracted; the baseline row is a process that only
+     imports torch, DeepSpeed and palmrl.
 Every measurement runs in its own child process (this script with --child), so peaks never mix.
-Prints a markdown table.
+Prints a markdown table with the 1-minute load average beside each number (timings on a shared
+machine mean little without it).
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-THREADS = 2  # the machine has 2 cores shared with other work: pin torch to them
-MODEL = "palm_small"  # large enough that model memory outweighs the ~0.5 GB torch/DeepSpeed baseline
+THREADS = 1  # torch threads per process: 2 cores shared with other jobs; 2 threads made decoding 4x slower here
+MODEL = "palm_small"  # 27M params: fp32 weights + grads + Adam moments (~0.4 GB) outweigh the import baseline
 RESULT = "BENCH_RESULT "  # prefix of the one JSON line a child prints for the parent
 
 # the small PPO config every PPO measurement shares (besides lora=)
 PPO = {"rollout_batch": 16, "minibatch": 8, "epochs": 1, "max_new_tokens": 32}
+SFT_MAX_LEN = 96  # the single-model reference's sequence length: a prompt block + 32 response tokens fit
 TRAIN = {"eval_examples": 8, "eval_every": 0, "save_every": 0, "log_every": 1}
 
 
@@ -49,11 +53,10 @@ def ppo_overrides(sft: Path, reward: Path, steps: int, lora: str) -> list[str]:
 
 
 def sft_overrides(sft: Path, steps: int) -> list[str]:
-    # one model's full training at PPO's minibatch; max_len 96 covers a prompt + 32 response tokens
+    # one model's full training at PPO's minibatch size
     return [f"init_from={sft}", "lora=none", f"train.max_steps={steps}",
-            f"train.micro_batch_size={PPO['minibatch']}", "train.max_len=96",
-            f"train.max_new_tokens={PPO['max_new_tokens']}", "optim.warmup_steps=0",
-            *(f"train.{k}={v}" for k, v in TRAIN.items() if k != "log_every"), "train.log_every=1"]
+            f"train.micro_batch_size={PPO['minibatch']}", f"train.max_len={SFT_MAX_LEN}",
+            f"train.max_new_tokens={PPO['max_new_tokens']}", *(f"train.{k}={v}" for k, v in TRAIN.items())]
 
 
 # ---- child side: each function runs in its own process and returns what it measured ----------
@@ -72,10 +75,31 @@ def compose(stage: str, overrides: list[str]):
 def child_baseline() -> dict:
     """Nothing but the imports every stage process pays for."""
     import deepspeed  # noqa: F401
-    import torch  # noqa: F401
+    import torch
 
     import palmrl.stages.ppo  # noqa: F401
     import palmrl.stages.sft  # noqa: F401
+    return {"torch": torch.__version__}
+
+
+def child_plain(steps: int, seq_len: int) -> dict:
+    """One model's training in plain PyTorch (AdamW, no DeepSpeed): the leanest single-model reference."""
+    import torch
+    import torch.nn.functional as F
+    import yaml
+
+    from palmrl.model.palm import ModelConfig, PaLM
+
+    config = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "model" / f"{MODEL}.yaml").read_text()))
+    torch.manual_seed(0)
+    model = PaLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, config.vocab_size, (PPO["minibatch"], seq_len + 1))  # a PPO minibatch's shape
+    for _ in range(steps):
+        logits = model(batch[:, :-1])  # (B, T, V)
+        F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return {}
 
 
@@ -86,7 +110,7 @@ def child_build(work: Path) -> dict:
 
     from palmrl import checkpoint
     from palmrl.data.embedded import embedded_texts
-    from palmrl.model.lora import LoRAConfig, add_lora, lora_state_dict
+    from palmrl.model.lora import LoRAConfig, add_lora
     from palmrl.model.palm import ModelConfig, PaLM
     from palmrl.reward import RewardModel
     from palmrl.stages.reward import export_reward
@@ -99,6 +123,7 @@ def child_build(work: Path) -> dict:
 
     torch.manual_seed(0)
     policy = PaLM(config)
+    params = policy.num_params()
     sft = checkpoint.save(work / "sft" / "final", stage="sft", step=0, model_config=config.to_dict(),
                           tokenizer=tokenizer, config={},
                           weights={k: v.detach() for k, v in policy.named_parameters()})
@@ -108,8 +133,9 @@ def child_build(work: Path) -> dict:
     add_lora(policy, "reward", LoRAConfig.from_dict(lora))
     model = RewardModel(policy, objective="pairwise")
     with torch.no_grad():
-        for name, param in lora_state_dict(policy, "reward").items():
-            dict(policy.named_parameters())[name].normal_(0.0, 0.02)
+        for name, param in policy.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.02)  # B starts at zero: make the reward scope differ from the base
         model.reward_head.proj.weight.normal_(0.0, 0.02)
     weights, adapters = export_reward(model.state_dict())
     reward = checkpoint.save(
@@ -118,11 +144,11 @@ def child_build(work: Path) -> dict:
         extra={"lora": {"scopes": {"reward": {"rank": lora["rank"], "alpha": lora["alpha"],
                                               "targets": list(lora["targets"])}}, "active": "reward"},
                "reward": {"objective": "pairwise", "num_bins": 5, "score_mean": 0.0, "score_std": 1.0}})
-    return {"sft": str(sft), "reward": str(reward), "params": policy.num_params() - sum(
-        p.numel() for n, p in policy.named_parameters() if "lora_" in n), "tokenizer_s": tokenizer_s}
+    return {"sft": str(sft), "reward": str(reward), "params": params, "vocab": tokenizer.vocab_size,
+            "tokenizer_s": tokenizer_s}
 
 
-def child_generate(sft: Path, reward: Path, new_tokens: int) -> dict:
+def child_generate(sft: Path, new_tokens: int) -> dict:
     """PPO's rollout sampling with and without the KV cache: same model, prompts, seed and settings."""
     import torch
 
@@ -133,7 +159,7 @@ def child_generate(sft: Path, reward: Path, new_tokens: int) -> dict:
     from palmrl.model.lora import lora_scope
     from palmrl.stages.common import apply_lora, policy_from_checkpoint
 
-    cfg = compose("ppo", ppo_overrides(sft, reward, 1, "r8"))
+    cfg = compose("ppo", [f"ppo.{k}={v}" for k, v in PPO.items()])  # ppo's sampling knobs, data and lora
     p = cfg.ppo
     ckpt = checkpoint.load(sft)
     tokenizer = ckpt.tokenizer()
@@ -151,7 +177,8 @@ def child_generate(sft: Path, reward: Path, new_tokens: int) -> dict:
                            pad_id=tokenizer.pad_id, generator=generator, use_cache=use_cache)
         return out, time.perf_counter() - start
 
-    sample(True, 2), sample(False, 2)  # warm-up
+    sample(True, 2)  # warm-up
+    sample(False, 2)
     cached, cached_s = sample(True, new_tokens)
     uncached, uncached_s = sample(False, new_tokens)
     return {"prompt_block": cached.prompt_length, "rows": len(prompt_ids),
@@ -165,11 +192,17 @@ def child_stage(stage: str, overrides: list[str]) -> dict:
     from palmrl.cli import stage_runner
     from palmrl.runtime import run_stage
 
+    cfg = compose(stage, overrides)
     generation: list[tuple[float, int]] = []  # (seconds, tokens) per rollout
+    shared_base = None
     if stage == "ppo":
         import palmrl.stages.ppo as ppo
+        from palmrl import checkpoint
 
-        inner = ppo.generate
+        # what the stage will decide: the reward model becomes a scope of the policy's base
+        shared_base = int(cfg.lora.rank) > 0 and ppo.same_base(checkpoint.load(cfg.reward), checkpoint.load(cfg.policy))
+
+        inner = ppo.generate  # the stage's own sampler, timed from outside (ppo.py is not changed)
 
         def timed_generate(*args, **kwargs):
             start = time.perf_counter()
@@ -178,11 +211,9 @@ def child_stage(stage: str, overrides: list[str]) -> dict:
             return out
         ppo.generate = timed_generate
 
-    start = time.perf_counter()
-    final = run_stage(stage, compose(stage, overrides), stage_runner(stage))
-    wall = time.perf_counter() - start
+    final = run_stage(stage, cfg, stage_runner(stage))
     metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines() if line]
-    return {"wall_s": wall, "generation": generation,
+    return {"generation": generation, "shared_base": shared_base,
             "train": [m for m in metrics if m.get("split") == "train"]}
 
 
@@ -191,13 +222,15 @@ def child_main(kind: str, args: list[str]) -> None:
 
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if kind == "baseline":
         out = child_baseline()
+    elif kind == "plain":
+        out = child_plain(int(args[0]), int(args[1]))
     elif kind == "build":
         out = child_build(Path(args[0]))
     elif kind == "generate":
-        out = child_generate(Path(args[0]), Path(args[1]), int(args[2]))
+        out = child_generate(Path(args[0]), int(args[1]))
     else:
         out = child_stage(kind, args)
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -206,8 +239,8 @@ def child_main(kind: str, args: list[str]) -> None:
 
 # ---- parent side ----------------------------------------------------------------------------
 
-def run_child(kind: str, *args: str, cwd: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "WANDB_MODE": "disabled",
+def run_child(kind: str, *args: str, cwd: Path, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled",
            "PALMRL_CACHE_DIR": str(cwd / "cache"), "TOKENIZERS_PARALLELISM": "false"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
@@ -218,21 +251,35 @@ def run_child(kind: str, *args: str, cwd: Path) -> dict:
     if proc.returncode != 0 or not lines:
         sys.exit(f"bench_ppo: child '{kind}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1].removeprefix(RESULT))
-    out["process_s"] = time.perf_counter() - start
-    print(f"  {kind:<10} {out['process_s']:5.1f}s  peak RSS {out['maxrss_mb']:,.0f} MB  "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    out["process_s"], out["load"] = time.perf_counter() - start, os.getloadavg()[0]
+    print(f"  {kind:<9} {out['process_s']:6.1f} s  peak RSS {out['maxrss_mb']:,.0f} MB  "
+          f"load average {out['load']:.2f}", flush=True)
     return out
 
 
 def iteration_seconds(stage: dict) -> list[float]:
-    """Seconds of each PPO iteration: its logged tokens_per_s over tokens per iteration (log_every=1)."""
+    """Seconds of each PPO iteration: tokens per iteration over its logged tokens_per_s (log_every=1)."""
     tokens = PPO["rollout_batch"] * PPO["max_new_tokens"]
     return [tokens / m["tokens_per_s"] for m in stage["train"]]
 
 
+def ppo_rows(name: str, run: dict) -> list[tuple[str, str, float, str]]:
+    """Iteration time and its generation share; iteration 1 (warm-up) is shown apart from the median."""
+    iters = iteration_seconds(run)
+    gen = run["generation"][1:] or run["generation"]
+    gen_s = statistics.median(s for s, _ in gen)
+    tokens_per_s = sum(n for _, n in gen) / sum(s for s, _ in gen)
+    return [(f"PPO iteration (rollout + scoring + updates), {name}",
+             f"{statistics.median(iters[1:] or iters):.2f} s (median of iterations 2..{len(iters)}; "
+             f"iteration 1: {iters[0]:.2f} s)", run["load"], ""),
+            (f"… of which rollout generation, {name}",
+             f"{gen_s:.2f} s ({tokens_per_s:,.0f} tokens/s)", run["load"], "")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~1.5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (~1 minute)")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads per process (default {THREADS})")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,73 +287,76 @@ def main() -> None:
         child_main(args.child[0], args.child[1:])
         return
 
-    ppo_steps = 2 if args.quick else 3  # iteration 1 warms up; later ones are the steady state
+    ppo_steps = 2 if args.quick else 3  # iteration 1 warms up; the rest are the steady state
     sft_steps = 2 if args.quick else 4
-    new_tokens = 16 if args.quick else PPO["max_new_tokens"]
-    load_start = os.getloadavg()
+    new_tokens = 16 if args.quick else PPO["max_new_tokens"]  # --quick: shorter, so the cache gains less
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="bench_ppo-") if args.keep is None else None
     work = Path(tmp.name) if tmp else args.keep.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"bench_ppo: {MODEL}, torch threads {THREADS}, work folder {work}")
+    print(f"bench_ppo: {MODEL}, {args.threads} torch thread(s) per process, work folder {work}")
 
-    built = run_child("build", str(work), cwd=work)
+    def run(kind: str, *child_args: str) -> dict:
+        return run_child(kind, *child_args, cwd=work, threads=args.threads)
+
+    # the checkpoints, then one process per measurement
+    built = run("build", str(work))
     sft, reward = Path(built["sft"]), Path(built["reward"])
-    gen = run_child("generate", str(sft), str(reward), str(new_tokens), cwd=work)
-    base = run_child("baseline", cwd=work)
-    single = run_child("sft", *sft_overrides(sft, sft_steps), "run_name=sft_full", cwd=work)
-    shared = run_child("ppo", *ppo_overrides(sft, reward, ppo_steps, "r8"), "run_name=ppo_lora", cwd=work)
-    separate = run_child("ppo", *ppo_overrides(sft, reward, ppo_steps, "none"), "run_name=ppo_full", cwd=work)
-    load_end = os.getloadavg()
+    gen = run("generate", str(sft), str(new_tokens))
+    base = run("baseline")
+    single = run("sft", *sft_overrides(sft, sft_steps), "run_name=sft_full")
+    plain = run("plain", str(sft_steps), str(gen["prompt_block"] + PPO["max_new_tokens"]))
+    shared = run("ppo", *ppo_overrides(sft, reward, ppo_steps, "r8"), "run_name=ppo_lora")
+    separate = run("ppo", *ppo_overrides(sft, reward, ppo_steps, "none"), "run_name=ppo_full")
+    if not shared["shared_base"] or separate["shared_base"]:
+        sys.exit("bench_ppo: the LoRA run did not share one base with the reward model; the memory rows would lie")
 
-    # ---- numbers -------------------------------------------------------------------------
+    # the table
+    def verdict(ok: bool) -> str:
+        return "n/a (--quick)" if args.quick else ("met" if ok else "**NOT met**")
+
     cached_tps = gen["tokens_cached"] / gen["seconds_cached"]
     uncached_tps = gen["tokens_uncached"] / gen["seconds_uncached"]
     speedup = cached_tps / uncached_tps
-
-    def ppo_rows(name: str, run: dict) -> list[str]:
-        iters = iteration_seconds(run)
-        steady = iters[1:] or iters
-        gen_s = [s for s, _ in run["generation"]]
-        gen_steady = gen_s[1:] or gen_s
-        tokens = sum(n for _, n in run["generation"][1:] or run["generation"])
-        return [f"| PPO iteration, {name} | {statistics.median(steady):.2f} s "
-                f"(first {iters[0]:.2f} s; median of iterations 2..{len(iters)}) | |",
-                f"| … of which rollout generation, {name} | {statistics.median(gen_steady):.2f} s "
-                f"({tokens / sum(gen_steady):,.0f} tokens/s inside PPO) | |"]
-
     ratio = shared["maxrss_mb"] / single["maxrss_mb"]
-    params = built["params"]
+    plain_ratio = shared["maxrss_mb"] / plain["maxrss_mb"]
     rows = [
-        "| measurement | value | target |", "|---|---|---|",
-        f"| rollout generation, KV cache | {cached_tps:,.0f} tokens/s ({gen['tokens_cached']} tokens, "
-        f"{gen['seconds_cached']:.2f} s) | |",
-        f"| rollout generation, no cache | {uncached_tps:,.0f} tokens/s ({gen['tokens_uncached']} tokens, "
-        f"{gen['seconds_uncached']:.2f} s) | |",
-        f"| **KV cache speed-up** | **{speedup:.1f}x** (identical tokens: {'yes' if gen['same_tokens'] else 'no'}) "
-        f"| ≥ 10x: {'met' if speedup >= 10 else 'NOT met'} |",
-        *ppo_rows("LoRA r8 (shared base)", shared),
+        ("rollout generation, KV cache", f"{cached_tps:,.0f} tokens/s ({gen['tokens_cached']} tokens in "
+         f"{gen['seconds_cached']:.2f} s)", gen["load"], ""),
+        ("rollout generation, no cache", f"{uncached_tps:,.0f} tokens/s ({gen['tokens_uncached']} tokens in "
+         f"{gen['seconds_uncached']:.2f} s)", gen["load"], ""),
+        ("**KV cache speed-up**", f"**{speedup:.1f}x** (identical tokens: {'yes' if gen['same_tokens'] else 'no'})",
+         gen["load"], f"≥ 10x: {verdict(speedup >= 10)}"),
+        *ppo_rows("LoRA r8", shared),
         *ppo_rows("lora=none", separate),
-        f"| peak RSS, baseline (import torch + deepspeed + palmrl) | {base['maxrss_mb']:,.0f} MB | |",
-        f"| peak RSS, single model training (`sft lora=none`, {sft_steps} steps) | {single['maxrss_mb']:,.0f} MB | |",
-        f"| peak RSS, PPO LoRA r8, shared base (actor, critic, reference, reward) | {shared['maxrss_mb']:,.0f} MB | |",
-        f"| peak RSS, PPO lora=none (separate reference, critic, reward copies) | {separate['maxrss_mb']:,.0f} MB "
-        f"({separate['maxrss_mb'] / single['maxrss_mb']:.2f}x single) | |",
-        f"| **PPO LoRA peak / single model peak** | **{ratio:.2f}x** | ≤ 1.5x: {'met' if ratio <= 1.5 else 'NOT met'} |",
+        ("peak RSS, baseline process (import torch, deepspeed, palmrl)", f"{base['maxrss_mb']:,.0f} MB",
+         base["load"], ""),
+        (f"peak RSS, one model's training (`sft lora=none`, {sft_steps} steps)", f"{single['maxrss_mb']:,.0f} MB",
+         single["load"], ""),
+        (f"peak RSS, one model's training in plain PyTorch (AdamW, no DeepSpeed, {sft_steps} steps, "
+         f"batch {PPO['minibatch']} x {gen['prompt_block'] + PPO['max_new_tokens']})",
+         f"{plain['maxrss_mb']:,.0f} MB", plain["load"], ""),
+        ("peak RSS, PPO LoRA r8: actor, critic, reward scopes + reference on one base",
+         f"{shared['maxrss_mb']:,.0f} MB", shared["load"], ""),
+        ("peak RSS, PPO lora=none: separate reference, critic trunk, reward model",
+         f"{separate['maxrss_mb']:,.0f} MB ({separate['maxrss_mb'] / single['maxrss_mb']:.2f}x one model)",
+         separate["load"], ""),
+        ("**PPO LoRA peak / one model's training peak** (`sft lora=none`)", f"**{ratio:.2f}x**", shared["load"],
+         f"≤ 1.5x: {verdict(ratio <= 1.5)}"),
+        ("PPO LoRA peak / plain-PyTorch training peak", f"{plain_ratio:.2f}x", shared["load"],
+         f"≤ 1.5x: {verdict(plain_ratio <= 1.5)}"),
     ]
-    config = (f"{MODEL} ({params / 1e6:.1f}M params, vocab 8192 sentencepiece trained on the embedded corpus "
-              f"in {built['tokenizer_s']:.1f} s, random weights), embedded task prompts "
-              f"(prompt block {gen['prompt_block']} tokens), "
-              + " ".join(f"ppo.{k}={v}" for k, v in PPO.items())
-              + f" train.max_steps={ppo_steps}, zero=stage1, fp32; generation bench: {gen['rows']} prompts x "
-              f"{new_tokens} new tokens, temperature 1, seed 0; single model: sft lora=none micro_batch_size="
-              f"{PPO['minibatch']} max_len=96")
-    import torch  # only for the versions line; the children did the work
-
-    print(f"\nconfig: {config}")
-    print(f"torch {torch.__version__}, {THREADS} threads; load average (1 min) {load_start[0]:.2f} at start, "
-          f"{load_end[0]:.2f} at end (2 cores, shared); total {time.perf_counter() - t0:.0f} s\n")
-    print("\n".join(rows))
+    print(f"\nconfig: {MODEL} ({built['params'] / 1e6:.1f}M params, random weights; sentencepiece vocab "
+          f"{built['vocab']} trained on the embedded corpus in {built['tokenizer_s']:.1f} s), embedded task prompts "
+          f"(prompt block {gen['prompt_block']} tokens), {' '.join(f'ppo.{k}={v}' for k, v in PPO.items())} "
+          f"train.max_steps={ppo_steps}, zero=stage1, fp32; generation: {gen['rows']} prompts x {new_tokens} new "
+          f"tokens, temperature 1, seed 0; one model: sft lora=none micro_batch_size={PPO['minibatch']} "
+          f"max_len={SFT_MAX_LEN}")
+    print(f"torch {base['torch']}, {args.threads} thread(s) per process on {os.cpu_count()} shared cores; "
+          f"total {time.perf_counter() - t0:.0f} s\n")
+    print("| measurement | value | load avg (1 min) | target |\n|---|---|---|---|")
+    for name, value, load, target in rows:
+        print(f"| {name} | {value} | {load:.1f} | {target} |")
     if tmp:
         tmp.cleanup()
 

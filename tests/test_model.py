@@ -8,8 +8,19 @@ import yaml
 
 from palmrl.errors import UserError
 from palmrl.model import KVCache, ModelConfig, PaLM, ScalarHead, gather_last
+from palmrl.model.palm import attend_bmm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers made
+    these tests 20x slower; restore the thread count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 TINY = dict(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
 VARIANTS = {
@@ -105,6 +116,21 @@ def test_kv_cache_select_and_overflow():
         torch.testing.assert_close(last, full[[2, 0], 15:], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="KV cache holds 20"):
             model(tokens[[2, 0], :1], cache=picked)
+
+
+@pytest.mark.parametrize("K, G, T, cached", [(1, 4, 9, 0), (2, 2, 8, 5), (1, 3, 1, 6)])
+def test_chunked_bmm_attention_matches_sdpa(K, G, T, cached):
+    """The CPU attention path (causal skipping) equals SDPA over the full causal pattern."""
+    g = torch.Generator().manual_seed(0)
+    B, E, S = 2, 8, cached + T
+    q, k, v = (torch.randn(B, K, n, E, generator=g, dtype=torch.float64) for n in (T * G, S, S))
+    key_mask = torch.rand(B, S, generator=g) > 0.3
+    key_mask[:, -T:] = True
+    causal = torch.arange(S)[None, :] <= torch.arange(cached, S)[:, None]  # (T, S)
+    allowed = (causal[None] & key_mask[:, None, :]).repeat_interleave(G, dim=1)[:, None]  # (B, 1, T*G, S)
+    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(attend_bmm(q, k, v, bias, T), expected)
 
 
 def test_bf16_forward_and_backward():

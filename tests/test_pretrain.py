@@ -175,3 +175,20 @@ def test_bad_checkpoint_and_empty_corpus_and_vocab_mismatch(tmp_path, tokenizer_
     proc = palmrl_cli("pretrain", "model.vocab_size=4096", *TINY, f"tokenizer.path={tokenizer_dir}", cwd=tmp_path)
     assert proc.returncode == 2 and "vocab_size" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "runs" / "default" / "pretrain" / "final").exists()
+
+
+def test_deepspeed_launcher_two_ranks(tmp_path, tokenizer_dir):
+    """The CPU analogue of `deepspeed --num_gpus 8 --module palmrl pretrain ...` on a GPU node."""
+    out = tmp_path / "ds"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.pop("OMP_NUM_THREADS", None)  # the launcher leaves it unset: palmrl must pick threads per rank itself
+    env["PALMRL_CONFIG_DIR"] = str(CONFIG_DIR)
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", "2", "--master_port", "29531", "--module", "palmrl", "pretrain",
+           *overrides(out, tokenizer_dir, "train.max_steps=3", "train.eval_every=0", "zero=stage1")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    assert manifest["step"] == 3
+    shards = sorted((out / "deepspeed" / "step-000003").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # ZeRO-1 over 2 ranks: one optimizer shard each

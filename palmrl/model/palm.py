@@ -17,8 +17,9 @@ Batches are LEFT-padded: `attention_mask` (B, T) is True on real tokens. A token
 is the number of real tokens before it, and no query attends to a pad key, so a padded sequence
 gets exactly the logits it would get alone.
 
-Speed on CPU: key/value heads are shared by G query heads, so the G heads are folded into the
-query length (B, K, T*G, E) and attention is one batched matmul per key/value head instead of H.
+Speed on CPU: a key/value head is shared by G query heads, so those G heads are folded into the
+query length (B, K, T*G, E): with multi-query attention (K = 1) attention becomes one batched
+matmul per layer instead of H. Causal attention then skips the blocks no query can see.
 """
 
 from __future__ import annotations
@@ -162,11 +163,12 @@ class RotaryTables:
         self.k_cos = q_cos if k_cos is None else k_cos
         self.k_sin = q_sin if k_sin is None else k_sin
 
+    # the tables follow q/k's dtype: under autocast q is bf16 while the residual stream is fp32
     def queries(self, q: Tensor) -> Tensor:
-        return q * self.q_cos + rotate_half(q) * self.q_sin
+        return q * self.q_cos.to(q.dtype) + rotate_half(q) * self.q_sin.to(q.dtype)
 
     def keys(self, k: Tensor) -> Tensor:
-        return k * self.k_cos + rotate_half(k) * self.k_sin
+        return k * self.k_cos.to(k.dtype) + rotate_half(k) * self.k_sin.to(k.dtype)
 
 
 # key/value cache for decoding
@@ -218,9 +220,9 @@ class ParallelBlock(nn.Module):
         self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
         self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
 
-    def forward(self, x: Tensor, rotary: RotaryTables, allowed: Tensor,
+    def forward(self, x: Tensor, rotary: RotaryTables, bias: Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """x (B, T, D); allowed (B|1, 1, T*G, S) bool: may query row attend to key slot."""
+        """x (B, T, D); bias (B|1, 1, T*G, S): 0 where a query row may attend to a key slot, else -inf."""
         B, T, _ = x.shape
         H, K, E = self.heads, self.kv_heads, self.dim_head
         G = H // K
@@ -244,7 +246,7 @@ class ParallelBlock(nn.Module):
 
         # fold the G query heads that share a key/value head into the query length: row t*G + g
         q = q.view(B, T, K, G, E).transpose(1, 2).reshape(B, K, T * G, E)  # free when K == 1
-        out = attend(q, k, v, allowed)  # (B, K, T*G, E)
+        out = attend(q, k, v, bias, T)  # (B, K, T*G, E)
         out = out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
 
         # SwiGLU feed-forward (https://arxiv.org/abs/2002.05202)
@@ -254,9 +256,37 @@ class ParallelBlock(nn.Module):
         return x + self.attn_out(out) + self.ff_out(ff_hidden)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """Softmax attention. q (B, K, L, E), k/v (B, K, S, E), allowed (B|1, 1, L, S) -> (B, K, L, E)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_tokens: int) -> Tensor:
+    """Causal softmax attention of `num_tokens` new tokens (T) with G = L / T query rows each.
+
+    q (B, K, L, E), k/v (B, K, S, E), bias (B|1, 1, L, S) additive (0 or -inf) -> (B, K, L, E).
+    On CPU two batched matmuls measured faster than SDPA's flash kernel (~10% of a bf16 training
+    step for the bench model); elsewhere SDPA's fused kernels keep memory linear in S.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    return attend_bmm(q, k, v, bias, num_tokens)
+
+
+def attend_bmm(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_tokens: int) -> Tensor:
+    """`attend` as baddbmm (scores + bias in one pass) -> softmax -> bmm.
+
+    Causal skipping: the query rows of the first half of the new tokens cannot see any key of the
+    second half, so they are multiplied against the keys before it only (3/4 of the full work).
+    """
+    B, K, L, E = q.shape
+    S, T = k.shape[2], num_tokens
+    G = L // T
+    q, k, v = q.reshape(B * K, L, E), k.reshape(B * K, S, E), v.reshape(B * K, S, E)
+    bias = bias.to(q.dtype).expand(B, K, L, S).reshape(B * K, L, S)
+
+    out = []
+    for first, last in ((0, T // 2), (T // 2, T)) if T > 1 else ((0, T),):
+        rows, keys = slice(first * G, last * G), S - T + last  # this block's query rows; keys it may see
+        scores = torch.baddbmm(bias[:, rows, :keys], q[:, rows], k[:, :keys].transpose(1, 2),
+                               alpha=E ** -0.5)  # (B*K, rows, keys)
+        out.append(scores.softmax(dim=-1) @ v[:, :keys])  # (B*K, rows, E)
+    return torch.cat(out, dim=1).view(B, K, L, E)
 
 
 # the model
@@ -316,12 +346,13 @@ class PaLM(nn.Module):
             allowed = allowed[None]  # (1, T, S)
         else:
             positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
-        allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S)
+        allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S), query row t*G + g
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         rotary = self.rotary(positions, x.dtype)
 
         # blocks
         for i, block in enumerate(self.layers):
-            x = block(x, rotary, allowed, cache, i)
+            x = block(x, rotary, bias, cache, i)
         if cache is not None:
             cache.offset += T
 

@@ -64,6 +64,8 @@ def stage_args(cfg: DictConfig, stage: str, run_dir: Path) -> list[str]:
         "ppo": [f"zero={cfg.zero}", f"policy={_value(run_dir / 'sft')}", f"reward={_value(run_dir / 'reward')}"],
         "report": [f"run_dir={_value(run_dir)}"],
     }[stage]
+    if stage in ("sft", "reward", "ppo") and cfg.get("tasks") is not None:
+        common.append("++data.tasks=[" + ",".join(str(t) for t in cfg.tasks) + "]")
     if stage == "report":
         common = common[:2]
     defaults = list(cfg.stage_overrides.get(stage, []))

@@ -223,6 +223,7 @@ def run(cfg: DictConfig) -> Path:
                                    "training; this is a bug, please report it")
     trainer.before_final_save = check_frozen
     engine, device = trainer.engine, dist.device
+    zero3_multi_rank = engine.zero_optimization_stage() == 3 and dist.world_size > 1
 
     def reference_logprobs(sequences: Tensor, attention_mask: Tensor, P: int) -> Tensor:
         if use_lora:
@@ -256,7 +257,7 @@ def run(cfg: DictConfig) -> Path:
             out = generate(palm, [prompt_ids[i] for i in indices],
                            max_new_tokens=max_new, temperature=float(p.temperature), top_k=int(p.top_k),
                            top_p=float(p.top_p), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           generator=generator)
+                           generator=generator, stop_early=not zero3_multi_rank)
         seq, attn, mask, P = out.sequences.to(device), out.attention_mask.to(device), out.response_mask.to(device), out.prompt_length
         logits, values = engine(seq, attn)
         logprobs = rl.token_logprobs(response_slice(logits, P), seq[:, P:])
