@@ -56,3 +56,15 @@ def task_score(model, tokenizer, examples: Sequence[tasks.TaskExample], *, max_n
     samples = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, out.texts, scores)][:keep_samples]
     return TaskScore(accuracy=sum(scores) / n, format_rate=sum(out.well_formed) / n,
                      mean_length=sum(out.lengths) / n, samples=samples)
+
+
+def sampled_reward(model, tokenizer, examples: Sequence[tasks.TaskExample], *, samples: int = 2,
+                   temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0) -> float:
+    """The policy's expected true reward: mean checker score of `samples` samples per prompt.
+
+    This is what PPO maximises (greedy accuracy only moves once the argmax flips), so it is the
+    number that says whether RL helped.
+    """
+    prompts = [ex.prompt for ex in examples for _ in range(samples)]
+    out = respond(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return sum(tasks.checker(prompts, out.texts)) / max(1, len(prompts))

@@ -104,8 +104,9 @@ def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
         response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-        # prompts: fill the cache (or just score them) and take each row's next-token logits
+        # prompts: fill the cache (or just run them) and take each row's next-token logits
         cache = model.new_cache(B, P + max_new_tokens) if use_cache else None
+        # (model(...), not trunk + logits: under ZeRO-3 the tied output weight is gathered in forward)
         logits = model(tokens, attention_mask=prompt_mask, cache=cache)[:, -1]  # (B, V)
 
         steps = 0

@@ -97,6 +97,17 @@ def test_loop_stops_when_all_rows_ended():
     assert out.sequences.shape == (2, 5 + 1) and out.response_mask.all()
 
 
+def test_stop_early_false_takes_every_step():
+    model = tiny_model()
+    free = generate(model, [PROMPTS[0], PROMPTS[0]], max_new_tokens=5, temperature=0)
+    eos = free.sequences[0, free.prompt_length].item()
+    out = generate(model, [PROMPTS[0], PROMPTS[0]], max_new_tokens=5, temperature=0, eos_id=eos,
+                   pad_id=0, stop_early=False)
+    assert out.sequences.shape == (2, 5 + 5)
+    assert out.response_mask.tolist() == [[True, False, False, False, False]] * 2
+    assert (out.sequences[:, 6:] == 0).all()
+
+
 def test_masks_shapes_and_semantics():
     model = tiny_model().to(torch.bfloat16)
     out = generate(model, PROMPTS, max_new_tokens=7, generator=torch.Generator().manual_seed(0))

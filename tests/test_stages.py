@@ -20,7 +20,7 @@ SFT_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.eval_examples=16"
 REWARD_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.log_every=1", "data.train_size=256",
                 "data.val_size=64", "train.micro_batch_size=16"]
 PPO_SMALL = ["train.max_steps=4", "train.eval_every=0", "train.eval_examples=16", "ppo.rollout_batch=16",
-             "ppo.minibatch=8", "ppo.max_new_tokens=8", "train.save_every=0"]
+             "ppo.minibatch=8", "ppo.max_new_tokens=8", "train.save_every=0", "data.train_size=64"]
 
 
 def metrics(folder):
@@ -113,11 +113,13 @@ def test_pairwise_loss_flips_when_halves_swap():
     assert a.margin.item() == pytest.approx(-b.margin.item())
 
 
-def test_reward_lora_leaves_trunk_untouched(pipeline_run):
+def test_reward_lora_leaves_trunk_untouched(pipeline_run, tmp_path, dist_env):
     from palmrl import checkpoint
     from palmrl.stages.common import policy_from_checkpoint
 
-    reward = checkpoint.load(pipeline_run / "reward", stages=["reward"])
+    out = run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "lora=r8", "data.policy_negatives=0",
+                               f"out_dir={tmp_path / 'rm'}", *REWARD_SMALL])
+    reward = checkpoint.load(out, stages=["reward"])
     trunk = {k: v for k, v in reward.weights().items() if not k.startswith("reward_head.")}
     sft_policy, _ = policy_from_checkpoint(checkpoint.load(pipeline_run / "sft"))
     expected = {k: v.detach() for k, v in sft_policy.named_parameters()}
@@ -195,12 +197,23 @@ def test_ppo_keeps_reference_and_reward_frozen(pipeline_run):
     assert any(v.abs().sum() > 0 for k, v in ppo.adapters().items() if "lora_B" in k), "actor did not move"
 
 
-def test_ppo_with_verifiable_reward_fn(pipeline_run, tmp_path, dist_env):
+def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, dist_env):
+    """PPO on the checker's reward (reward_fn=): the policy's expected true reward on its prompts
+    rises by a clear margin in 16 iterations while the KL to the SFT reference stays bounded."""
+    from palmrl import checkpoint
+
     out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker",
-                            f"out_dir={tmp_path / 'rlvr'}", *PPO_SMALL])
+                            f"out_dir={tmp_path / 'rlvr'}", "data.train_size=64", "train.max_steps=16",
+                            "train.eval_every=0", "train.eval_examples=64", "optim.lr=2e-3", "ppo.rollout_batch=64",
+                            "ppo.minibatch=16", "ppo.epochs=2", "ppo.max_new_tokens=8", "train.save_every=0"])
     rows = [m for m in metrics(out.parent) if m["split"] == "train"]
-    assert len(rows) == 4 and all(0.0 <= r["true_reward"] <= 1.0 for r in rows)
+    assert len(rows) == 16 and all(0.0 <= r["true_reward"] <= 1.0 for r in rows)
+    # with reward_fn the score is the checker's (minus the missing-eos penalty)
     assert all(r["reward"] == pytest.approx(r["true_reward"] - (1 - r["eos_rate"]), abs=1e-6) for r in rows)
+    manifest = checkpoint.load(out).manifest
+    before, after = manifest["init_train_sampled_reward"], manifest["metrics"]["train_sampled_reward"]
+    assert after >= before + 0.05, (before, after)
+    assert max(r["kl"] for r in rows) < 5.0
 
 
 def test_ppo_resume_and_two_ranks(pipeline_run, tmp_path, dist_env):

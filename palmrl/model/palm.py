@@ -24,6 +24,7 @@ matmul per layer instead of H. Causal attention then skips the blocks no query c
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -212,7 +213,7 @@ class ParallelBlock(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.dim_head = config.heads, config.kv_heads, config.dim_head
         self.split_sizes = (config.heads * config.dim_head, config.kv_heads * config.dim_head,
-                            config.kv_heads * config.dim_head, 2 * config.ff_inner)
+                            config.kv_heads * config.dim_head, config.ff_inner, config.ff_inner)
         self.norm = LayerNorm(config.dim)
         self.fused_proj = nn.Linear(config.dim, sum(self.split_sizes), bias=False)
         self.attn_out = nn.Linear(config.heads * config.dim_head, config.dim, bias=False)
@@ -227,8 +228,8 @@ class ParallelBlock(nn.Module):
         H, K, E = self.heads, self.kv_heads, self.dim_head
         G = H // K
 
-        # one projection for queries, keys, values and the SwiGLU input
-        q, k, v, ff = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
+        # one projection for queries, keys, values and the SwiGLU input and gate
+        q, k, v, ff_in, gate = self.fused_proj(self.norm(x)).split(self.split_sizes, dim=-1)
         q, k, v = q.view(B, T, H, E), k.view(B, T, K, E), v.view(B, T, K, E)
 
         # optional qk-norm, then rotary positions
@@ -250,7 +251,6 @@ class ParallelBlock(nn.Module):
         out = out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
 
         # SwiGLU feed-forward (https://arxiv.org/abs/2002.05202)
-        ff_in, gate = ff.chunk(2, dim=-1)
         ff_hidden = F.silu(gate) * ff_in  # (B, T, F)
 
         return x + self.attn_out(out) + self.ff_out(ff_hidden)
@@ -280,10 +280,14 @@ def attend_bmm(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_tokens: int) -
     q, k, v = q.reshape(B * K, L, E), k.reshape(B * K, S, E), v.reshape(B * K, S, E)
     bias = bias.to(q.dtype).expand(B, K, L, S).reshape(B * K, L, S)
 
+    # split (not slice) the query rows: its backward is one cat instead of zero-filled copies
+    halves = (T // 2, T - T // 2) if T > 1 else (T,)
     out = []
-    for first, last in ((0, T // 2), (T // 2, T)) if T > 1 else ((0, T),):
-        rows, keys = slice(first * G, last * G), S - T + last  # this block's query rows; keys it may see
-        scores = torch.baddbmm(bias[:, rows, :keys], q[:, rows], k[:, :keys].transpose(1, 2),
+    for q_part, bias_part, last in zip(q.split([n * G for n in halves], dim=1),
+                                       bias.split([n * G for n in halves], dim=1),
+                                       itertools.accumulate(halves)):
+        keys = S - T + last  # the keys this block of queries may see
+        scores = torch.baddbmm(bias_part[:, :, :keys], q_part, k[:, :keys].transpose(1, 2),
                                alpha=E ** -0.5)  # (B*K, rows, keys)
         out.append(scores.softmax(dim=-1) @ v[:, :keys])  # (B*K, rows, E)
     return torch.cat(out, dim=1).view(B, K, L, E)
@@ -347,7 +351,8 @@ class PaLM(nn.Module):
         else:
             positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
         allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S), query row t*G + g
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~allowed, float("-inf"))  # additive: 0 = may attend
         rotary = self.rotary(positions, x.dtype)
 
         # blocks

@@ -23,6 +23,7 @@ import importlib
 import math
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, NamedTuple, Sequence
 
 import deepspeed
@@ -36,7 +37,7 @@ from palmrl.data.instructions import SFTBatches
 from palmrl.data.preferences import load_prompts
 from palmrl.engine import Trainer
 from palmrl.errors import TrainingDiverged, UserError
-from palmrl.evaluate import task_score
+from palmrl.evaluate import sampled_reward, task_score
 from palmrl.generate import generate
 from palmrl.model.heads import ScalarHead
 from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, lora_scope, lora_state_dict
@@ -127,6 +128,9 @@ def run(cfg: DictConfig) -> Path:
     rollout_batch, minibatch = int(p.rollout_batch), int(p.minibatch)
     if rollout_batch % minibatch:
         raise UserError(f"ppo.rollout_batch ({rollout_batch}) must be a multiple of ppo.minibatch ({minibatch})")
+    per_prompt = int(p.samples_per_prompt)
+    if per_prompt < 1 or rollout_batch % per_prompt:
+        raise UserError(f"ppo.samples_per_prompt ({per_prompt}) must divide ppo.rollout_batch ({rollout_batch})")
 
     # ---- models ----------------------------------------------------------------------------
     policy_ckpt = checkpoint.load(cfg.policy, key="policy", stages=["sft", "pretrain", "ppo"])
@@ -190,13 +194,16 @@ def run(cfg: DictConfig) -> Path:
     on_tasks = str(cfg.data.get("source")) == "tasks"
     eval_examples = tasks.make_examples("test", int(cfg.train.eval_examples), seed=int(cfg.seed),
                                         tasks=cfg.data.get("tasks")) if on_tasks else []
+    # the training prompts' true reward, measured on a fixed sample of them (what PPO optimises)
+    pool_examples = [SimpleNamespace(prompt=prompt_text(x)) for x in prompts[:int(cfg.train.eval_examples)]] \
+        if on_tasks else []
     max_new = int(p.max_new_tokens)
     prompt_ids = [render_prompt(tokenizer, as_messages(pr)) for pr in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new > model_config.max_seq_len]
     if too_long:
         raise UserError(f"data: prompt #{too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; with "
                         f"ppo.max_new_tokens={max_new} it exceeds model.max_seq_len={model_config.max_seq_len}")
-    order = SFTBatches(prompts, batch_size=rollout_batch, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
+    order = SFTBatches(prompts, batch_size=rollout_batch // per_prompt, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
                        rank=dist.rank, world_size=dist.world_size)
 
     kl_ctl = (rl.AdaptiveKLController(float(p.kl_coef), float(p.kl_target), int(p.kl_horizon))
@@ -249,7 +256,9 @@ def run(cfg: DictConfig) -> Path:
 
     @torch.no_grad()
     def rollout(step: int) -> tuple[Rollout, dict]:
-        indices = order.indices(step - 1)
+        # samples_per_prompt responses to each prompt: contrasting them is the strongest signal a
+        # binary reward gives, and the critic sees several outcomes of one state
+        indices = [i for i in order.indices(step - 1) for _ in range(per_prompt)]
         batch_prompts = [prompts[i] for i in indices]
         generator = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * 101 + dist.rank)
         module.eval()
@@ -345,7 +354,12 @@ def run(cfg: DictConfig) -> Path:
         if eval_examples:
             with lora_scope(palm, ACTOR if use_lora else None):
                 score = task_score(palm, tokenizer, eval_examples, max_new_tokens=max_new)
-            metrics.update(accuracy=score.accuracy, format_rate=score.format_rate, response_tokens=score.mean_length)
+                sampled = sampled_reward(palm, tokenizer, eval_examples, max_new_tokens=max_new, seed=int(cfg.seed),
+                                         temperature=float(p.temperature))
+                train_sampled = sampled_reward(palm, tokenizer, pool_examples, max_new_tokens=max_new,
+                                               seed=int(cfg.seed), temperature=float(p.temperature))
+            metrics.update(accuracy=score.accuracy, sampled_reward=sampled, train_sampled_reward=train_sampled,
+                           format_rate=score.format_rate, response_tokens=score.mean_length)
             trainer.manifest_extra["samples"] = score.samples
         return metrics
 
@@ -357,8 +371,14 @@ def run(cfg: DictConfig) -> Path:
     if eval_examples:
         with lora_scope(palm, None):
             before = task_score(palm, tokenizer, eval_examples, max_new_tokens=max_new)
-        trainer.manifest_extra["init_accuracy"] = before.accuracy
-        start_rows["checker accuracy of the SFT policy"] = round(before.accuracy, 4)
+            before_sampled = sampled_reward(palm, tokenizer, eval_examples, max_new_tokens=max_new, seed=int(cfg.seed),
+                                            temperature=float(p.temperature))
+            before_train = sampled_reward(palm, tokenizer, pool_examples, max_new_tokens=max_new, seed=int(cfg.seed),
+                                          temperature=float(p.temperature))
+        trainer.manifest_extra.update(init_accuracy=before.accuracy, init_sampled_reward=before_sampled,
+                                      init_train_sampled_reward=before_train)
+        start_rows["SFT policy: sampled true reward on the training prompts"] = f"{before_train:.4f}"
+        start_rows["SFT policy: greedy accuracy / sampled true reward"] = f"{before.accuracy:.4f} / {before_sampled:.4f}"
     return trainer.fit(step_fn, eval_fn, start_rows=start_rows)
 
 

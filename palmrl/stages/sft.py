@@ -21,7 +21,7 @@ from palmrl import checkpoint, tasks
 from palmrl.data.instructions import IGNORE_INDEX, SFTBatches, build_sft_examples, load_instruction_records
 from palmrl.engine import Trainer
 from palmrl.errors import UserError
-from palmrl.evaluate import task_score
+from palmrl.evaluate import sampled_reward, task_score
 from palmrl.runtime import init_distributed, seed_everything
 from palmrl.stages.common import apply_lora, export_split, policy_from_checkpoint
 
@@ -86,7 +86,9 @@ def run(cfg: DictConfig) -> Path:
         metrics = {"loss": total / max(count, 1)}
         if task_examples:
             score = task_score(engine.module, tokenizer, task_examples, max_new_tokens=int(cfg.train.max_new_tokens))
-            metrics.update(accuracy=score.accuracy, format_rate=score.format_rate, response_tokens=score.mean_length)
+            metrics.update(accuracy=score.accuracy, format_rate=score.format_rate, response_tokens=score.mean_length,
+                           sampled_reward=sampled_reward(engine.module, tokenizer, task_examples, seed=int(cfg.seed),
+                                                         max_new_tokens=int(cfg.train.max_new_tokens)))
             trainer.manifest_extra["samples"] = score.samples
         return metrics
 
