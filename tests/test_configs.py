@@ -29,7 +29,7 @@ def test_stage_config_composes_and_starts_with_its_command(stage):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group, option):
-    stage = "selfinstruct" if group == "generator" else "pretrain"
+    stage = {"generator": "selfinstruct", "lora": "sft"}.get(group, "pretrain")
     cfg = compose(stage, [f"{group}={option}"])
     node = OmegaConf.to_container(cfg[group], resolve=False)
     assert node, f"{group}/{option} is empty"

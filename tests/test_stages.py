@@ -166,8 +166,8 @@ def test_reward_bad_input(pipeline_run, tmp_path, dist_env):
     ratings = tmp_path / "ratings.jsonl"
     ratings.write_text(json.dumps({"prompt": "p", "response": "r", "rating": 9}) + "\n")
     with pytest.raises(UserError, match="rating"):
-        run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=ratings", "data.source=local",
-                             f"+data.path={ratings}", "reward.objective=binned", f"out_dir={tmp_path / 'b'}"])
+        run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=my_ratings", f"data.path={ratings}",
+                             "data.val_fraction=0.0", "reward.objective=binned", f"out_dir={tmp_path / 'b'}"])
     with pytest.raises(UserError, match="is a ppo checkpoint"):
         run_stage("reward", [f"init_from={pipeline_run / 'ppo'}", f"out_dir={tmp_path / 'c'}"])
 
