@@ -121,7 +121,7 @@ def test_multirun_makes_one_folder_per_job(tmp_path, tokenizer_dir):
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "sweep" / "pretrain").glob("*/final"))
-    assert len(jobs) == 2 and all(j.startswith("optim.lr=") for j in jobs), jobs  # Hydra names them by the overrides
+    assert len(jobs) == 2 and all("optim.lr=" in j for j in jobs), jobs  # Hydra names them by the overrides
 
 
 def test_cfg_job_prints_resolved_config(tmp_path):

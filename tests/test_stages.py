@@ -19,6 +19,8 @@ SFT_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.eval_examples=16"
              "data.train_size=512", "data.val_size=32", "train.micro_batch_size=16"]
 REWARD_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.log_every=1", "data.train_size=256",
                 "data.val_size=64", "train.micro_batch_size=16"]
+# the pipeline's task mix (configs/pipeline.yaml `tasks`), the tasks its SFT policy learnt
+TASKS = "data.tasks=[count_letters,count_words,first_letter,last_letter,larger,capital,color,opposite]"
 PPO_SMALL = ["train.max_steps=4", "train.eval_every=0", "train.eval_examples=16", "ppo.rollout_batch=16",
              "ppo.minibatch=8", "ppo.max_new_tokens=8", "train.save_every=0", "data.train_size=64"]
 
@@ -134,14 +136,18 @@ def test_binned_reward_orders_responses_by_rating(pipeline_run, tmp_path, dist_e
     from palmrl.reward import reward_model_from_checkpoint, score_texts
 
     out = run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=ratings", "reward.objective=binned",
-                               "reward.num_bins=5", f"out_dir={tmp_path / 'binned'}", "train.max_steps=60",
-                               "train.eval_every=0", "data.train_size=2000", "data.val_size=200"])
+                               "reward.num_bins=5", "lora=none", "optim.lr=1e-3", TASKS, f"out_dir={tmp_path / 'binned'}",
+                               "train.max_steps=500", "train.eval_every=0", "data.train_size=6000", "data.val_size=200"])
     ckpt = checkpoint.load(out, stages=["reward"])
     rm = reward_model_from_checkpoint(ckpt)
-    rated = load_ratings({"source": "tasks", "val_size": 200, "seed": 0}, "val", 5)
+    tasks = TASKS.split("=", 1)[1].strip("[]").split(",")
+    rated = load_ratings({"source": "tasks", "val_size": 200, "seed": 0, "tasks": tasks}, "val", 5)
     scores = score_texts(rm, ckpt.tokenizer(), [r.prompt for r in rated], [r.response for r in rated], max_len=96)
-    top = scores[[r.rating == 5 for r in rated]].mean()
-    bottom = scores[[r.rating <= 2 for r in rated]].mean()
+    ratings = torch.tensor([r.rating for r in rated], dtype=torch.float)
+    rank = lambda x: x.argsort().argsort().float()  # noqa: E731
+    spearman = torch.corrcoef(torch.stack([rank(scores), rank(ratings)]))[0, 1].item()
+    assert spearman > 0.3, spearman  # measured 0.60
+    top, bottom = scores[ratings == 5].mean(), scores[ratings <= 2].mean()
     assert top > bottom + 0.3, (top.item(), bottom.item())
     assert ckpt.manifest["metrics"]["accuracy"] > 1 / 5 + 0.1
 
@@ -202,7 +208,7 @@ def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, d
     rises by a clear margin in 16 iterations while the KL to the SFT reference stays bounded."""
     from palmrl import checkpoint
 
-    out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker",
+    out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker", TASKS,
                             f"out_dir={tmp_path / 'rlvr'}", "data.train_size=64", "train.max_steps=16",
                             "train.eval_every=0", "train.eval_examples=64", "optim.lr=2e-3", "ppo.rollout_batch=64",
                             "ppo.minibatch=16", "ppo.epochs=2", "ppo.max_new_tokens=8", "train.save_every=0"])
