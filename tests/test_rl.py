@@ -27,7 +27,7 @@ T, F = True, False
 LN2 = math.log(2.0)
 
 
-def close(actual, expected, tol=1e-5):
+def assert_close(actual, expected, tol=1e-5):
     return torch.testing.assert_close(
         torch.as_tensor(actual, dtype=torch.float32),
         torch.as_tensor(expected, dtype=torch.float32),
@@ -46,16 +46,16 @@ def test_token_logprobs_equals_log_softmax_gather():
     expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
     out = token_logprobs(logits, tokens)
     assert out.dtype == torch.float32 and out.shape == (3, 5)
-    close(out, expected)
+    assert_close(out, expected)
 
 
 def test_token_logprobs_hand_values_and_gradient():
     # logits [ln 3, 0] -> p = [3/4, 1/4]; token 1 -> ln(1/4); d logp / d logits = onehot - p
     logits = torch.tensor([[[math.log(3.0), 0.0]]], requires_grad=True)
     out = token_logprobs(logits, torch.tensor([[1]]))
-    close(out, [[math.log(0.25)]])
+    assert_close(out, [[math.log(0.25)]])
     out.sum().backward()
-    close(logits.grad, [[[-0.75, 0.75]]])
+    assert_close(logits.grad, [[[-0.75, 0.75]]])
 
 
 def test_token_logprobs_bf16_in_fp32_math():
@@ -66,7 +66,7 @@ def test_token_logprobs_bf16_in_fp32_math():
     assert out.dtype == torch.float32
     # same bf16 values, upcast first: fp32 math, so agreement to fp32 precision (bf16 math would be ~1e-1 off)
     expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)
-    close(out, expected, tol=1e-5)
+    assert_close(out, expected, tol=1e-5)
 
 
 def test_token_logprobs_shape_mismatch():
@@ -79,8 +79,8 @@ def test_entropy_from_logits_hand_values():
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, -float("inf"), -float("inf")]]])
     h = entropy_from_logits(logits.to(torch.bfloat16))
     assert h.dtype == torch.float32
-    close(h, [[math.log(4.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]], tol=1e-2)
-    close(entropy_from_logits(logits[:, :1]), [[math.log(4.0)]])
+    assert_close(h, [[math.log(4.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]], tol=1e-2)
+    assert_close(entropy_from_logits(logits[:, :1]), [[math.log(4.0)]])
     # a filtered (-inf) logit must not turn the entropy or its gradient into nan
     logits.requires_grad_(True)
     entropy_from_logits(logits).sum().backward()
@@ -94,13 +94,13 @@ def test_masked_mean_and_var_ignore_masked_entries():
     x = torch.tensor([[1.0, 2.0, 3.0, float("nan")], [4.0, 5.0, -50.0, float("inf")]])
     mask = torch.tensor([[T, T, T, F], [T, T, F, F]])
     # real values 1..5: mean 3, squared deviations 4+1+0+1+4 = 10 -> biased 10/5 = 2, unbiased 10/4 = 2.5
-    close(masked_mean(x, mask), 3.0)
-    close(masked_mean(x, mask, dim=1), [2.0, 4.5])
-    close(masked_var(x, mask), 2.5)
-    close(masked_var(x, mask, unbiased=False), 2.0)
+    assert_close(masked_mean(x, mask), 3.0)
+    assert_close(masked_mean(x, mask, dim=1), [2.0, 4.5])
+    assert_close(masked_var(x, mask), 2.5)
+    assert_close(masked_var(x, mask, unbiased=False), 2.0)
     # degenerate sets: empty -> mean 0, var 0; a single value -> var 0
-    close(masked_mean(x, torch.zeros_like(mask)), 0.0)
-    close(masked_var(x, torch.tensor([[T, F, F, F], [F, F, F, F]])), 0.0)
+    assert_close(masked_mean(x, torch.zeros_like(mask)), 0.0)
+    assert_close(masked_var(x, torch.tensor([[T, F, F, F], [F, F, F, F]])), 0.0)
 
 
 def test_masked_whiten_zero_mean_unit_var_over_mask():
@@ -109,13 +109,13 @@ def test_masked_whiten_zero_mean_unit_var_over_mask():
     w = masked_whiten(x, mask)
     # (x - 3) / sqrt(2.5) on the real tokens, 0 on padding
     s = math.sqrt(2.5)
-    close(w, [[-2 / s, -1 / s, 0.0, 0.0], [1 / s, 2 / s, 0.0, 0.0]])
-    close(masked_mean(w, mask), 0.0)
-    close(masked_var(w, mask), 1.0)
+    assert_close(w, [[-2 / s, -1 / s, 0.0, 0.0], [1 / s, 2 / s, 0.0, 0.0]])
+    assert_close(masked_mean(w, mask), 0.0)
+    assert_close(masked_var(w, mask), 1.0)
     # padding values do not matter
     x2 = x.clone()
     x2[~mask] = 1e6
-    close(masked_whiten(x2, mask), w)
+    assert_close(masked_whiten(x2, mask), w)
 
 
 def test_masked_whiten_keep_mean():
@@ -123,18 +123,18 @@ def test_masked_whiten_keep_mean():
     mask = torch.tensor([[T, T, T, F], [T, T, F, F]])
     w = masked_whiten(x, mask, shift_mean=False)
     # (x - 3) / sqrt(2.5) + 3: unit variance, mean stays 3
-    close(masked_mean(w, mask), 3.0)
-    close(masked_var(w, mask), 1.0)
-    close(w[0, 0], -2 / math.sqrt(2.5) + 3.0)
+    assert_close(masked_mean(w, mask), 3.0)
+    assert_close(masked_var(w, mask), 1.0)
+    assert_close(w[0, 0], -2 / math.sqrt(2.5) + 3.0)
 
 
 def test_explained_variance():
     target = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
     mask = torch.tensor([[T, T, T, F]])
-    close(explained_variance(target, target, mask), 1.0)
-    close(explained_variance(torch.full_like(target, 2.0), target, mask), 0.0)  # mean of 1, 2, 3
+    assert_close(explained_variance(target, target, mask), 1.0)
+    assert_close(explained_variance(torch.full_like(target, 2.0), target, mask), 0.0)  # mean of 1, 2, 3
     # pred = [1, 2, 2]: residual [0, 0, 1] var 2/9; target var 2/3 -> 1 - 1/3
-    close(explained_variance(torch.tensor([[1.0, 2.0, 2.0, -5.0]]), target, mask), 2.0 / 3.0)
+    assert_close(explained_variance(torch.tensor([[1.0, 2.0, 2.0, -5.0]]), target, mask), 2.0 / 3.0)
     assert torch.isnan(explained_variance(target, torch.ones_like(target), mask))
 
 
@@ -145,11 +145,11 @@ def test_kl_estimators_hand_values():
     # position 0: lp = ln .5, ref = ln .25 -> lp - ref = ln 2; position 1: the reverse, -ln 2
     lp = torch.log(torch.tensor([[0.5, 0.25]]))
     ref = torch.log(torch.tensor([[0.25, 0.5]]))
-    close(kl_penalty(lp, ref, "k1"), [[LN2, -LN2]])
-    close(kl_penalty(lp, ref, "k2"), [[0.5 * LN2**2, 0.5 * LN2**2]])  # 0.240227 both
+    assert_close(kl_penalty(lp, ref, "k1"), [[LN2, -LN2]])
+    assert_close(kl_penalty(lp, ref, "k2"), [[0.5 * LN2**2, 0.5 * LN2**2]])  # 0.240227 both
     # k3 = exp(ref - lp) - 1 - (ref - lp): 0.5 - 1 + ln 2 = 0.193147; 2 - 1 - ln 2 = 0.306853
-    close(kl_penalty(lp, ref, "k3"), [[0.5 - 1 + LN2, 2 - 1 - LN2]])
-    close(kl_penalty(lp, ref, "abs"), [[LN2, LN2]])
+    assert_close(kl_penalty(lp, ref, "k3"), [[0.5 - 1 + LN2, 2 - 1 - LN2]])
+    assert_close(kl_penalty(lp, ref, "abs"), [[LN2, LN2]])
     with pytest.raises(UserError, match="k4"):
         kl_penalty(lp, ref, "k4")
 
@@ -157,15 +157,15 @@ def test_kl_estimators_hand_values():
 def test_adaptive_kl_controller_moves_toward_target_and_round_trips():
     ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10_000)
     # kl 12: error clip(12/6 - 1) = +0.2 -> 0.2 * (1 + 0.2 * 100 / 10000) = 0.2004
-    close(ctl.update(12.0, n_steps=100), 0.2004, tol=1e-9)
-    close(ctl.value, 0.2004, tol=1e-9)
+    assert_close(ctl.update(12.0, n_steps=100), 0.2004, tol=1e-9)
+    assert_close(ctl.value, 0.2004, tol=1e-9)
     # kl 3: error clip(3/6 - 1 = -0.5) = -0.2 -> 0.2004 * 0.998 = 0.1999992
     ctl.update(3.0, n_steps=100)
-    close(ctl.value, 0.2004 * 0.998, tol=1e-9)
+    assert_close(ctl.value, 0.2004 * 0.998, tol=1e-9)
     # kl 6.6: error 0.1, unclipped -> x (1 + 0.1 * 1000 / 10000) = x 1.01
     before = ctl.value
     ctl.update(6.6, n_steps=1000)
-    close(ctl.value, before * 1.01, tol=1e-9)
+    assert_close(ctl.value, before * 1.01, tol=1e-9)
 
     resumed = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10_000)
     resumed.load_state_dict(ctl.state_dict())
@@ -196,13 +196,13 @@ def test_shaped_rewards_score_at_last_real_token_only():
     ref = torch.tensor([[-0.5, 0.0, -1.0, 0.0], [-2.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[T, T, T, F], [T, F, F, F]])
     out = shaped_rewards(torch.tensor([1.0, -2.0]), lp, ref, mask, kl_coef=0.1)
-    close(out.kl, [[0.5, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert_close(out.kl, [[0.5, -1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     # -0.1 * kl, score added at index 2 (row 0) and index 0 (row 1)
-    close(out.rewards, [[-0.05, 0.1, -0.2 + 1.0, 0.0], [-0.1 - 2.0, 0.0, 0.0, 0.0]])
+    assert_close(out.rewards, [[-0.05, 0.1, -0.2 + 1.0, 0.0], [-0.1 - 2.0, 0.0, 0.0, 0.0]])
     # per-row KL sums 1.5 and 1.0 -> mean 1.25; non-score rewards -0.15 and -0.1
-    close(out.mean_kl, 1.25)
-    close(out.non_score_reward, [-0.15, -0.1])
-    close(out.scores, [1.0, -2.0])
+    assert_close(out.mean_kl, 1.25)
+    assert_close(out.non_score_reward, [-0.15, -0.1])
+    assert_close(out.scores, [1.0, -2.0])
     assert not out.rewards.requires_grad
 
 
@@ -211,7 +211,7 @@ def test_shaped_rewards_score_clip_and_empty_row():
     mask = torch.tensor([[T, T, T], [T, T, F]])
     out = shaped_rewards(torch.tensor([5.0, -0.5]), lp, lp, mask, kl_coef=0.2, score_clip=1.5)
     # KL 0 everywhere: the only rewards are the clipped scores 1.5 and -0.5
-    close(out.rewards, [[0.0, 0.0, 1.5], [0.0, -0.5, 0.0]])
+    assert_close(out.rewards, [[0.0, 0.0, 1.5], [0.0, -0.5, 0.0]])
     with pytest.raises(ValueError, match=r"\[1\]"):
         shaped_rewards(torch.zeros(2), lp, lp, torch.tensor([[T, F, F], [F, F, F]]), kl_coef=0.1)
 
@@ -229,8 +229,8 @@ def test_gae_one_row_by_hand():
     # A_0 = -0.24 + 0.72 * 0.556 = 0.16032
     # returns = A + V = [0.66032, 0.956, 1.0]; padding: 0 and 0
     out = gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    close(out.advantages, [[0.16032, 0.556, 0.8, 0.0]])
-    close(out.returns, [[0.66032, 0.956, 1.0, 0.0]])
+    assert_close(out.advantages, [[0.16032, 0.556, 0.8, 0.0]])
+    assert_close(out.returns, [[0.66032, 0.956, 1.0, 0.0]])
 
 
 def test_gae_ragged_batch_by_hand():
@@ -241,16 +241,16 @@ def test_gae_ragged_batch_by_hand():
     # row 0: A_0 = 2.0 - 0.5 = 1.5, return 2.0
     # row 1: deltas [0, 0, 1] -> A_2 = 1, A_1 = 0.72, A_0 = 0.72^2 = 0.5184; returns the same
     out = gae(rewards, values, mask, gamma=0.9, lam=0.8)
-    close(out.advantages, [[1.5, 0.0, 0.0], [0.5184, 0.72, 1.0]])
-    close(out.returns, [[2.0, 0.0, 0.0], [0.5184, 0.72, 1.0]])
+    assert_close(out.advantages, [[1.5, 0.0, 0.0], [0.5184, 0.72, 1.0]])
+    assert_close(out.returns, [[2.0, 0.0, 0.0], [0.5184, 0.72, 1.0]])
 
 
 def test_gae_lam_one_gamma_one_is_reward_to_go_minus_value():
     # gamma = lam = 1: A_t = sum_{k>=t} r_k - V_t; rewards [1, 2, 3] -> to-go [6, 5, 3]
     out = gae(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 1.0, 1.0]]), torch.ones(1, 3, dtype=torch.bool),
               gamma=1.0, lam=1.0)
-    close(out.advantages, [[5.0, 4.0, 2.0]])
-    close(out.returns, [[6.0, 5.0, 3.0]])
+    assert_close(out.advantages, [[5.0, 4.0, 2.0]])
+    assert_close(out.returns, [[6.0, 5.0, 3.0]])
 
 
 # --- PPO losses ------------------------------------------------------------------------------
@@ -262,10 +262,10 @@ def test_policy_loss_ratio_one_is_minus_mean_advantage():
     mask = torch.tensor([[T, T, T], [T, F, F]])
     out = ppo_policy_loss(lp, lp.detach(), adv, mask, clip_eps=0.2)
     # -(1 - 3 + 2 + 4) / 4 = -1
-    close(out.loss, -1.0)
-    close(out.clip_frac, 0.0)
-    close(out.approx_kl, 0.0)
-    close(out.ratio_mean, 1.0)
+    assert_close(out.loss, -1.0)
+    assert_close(out.clip_frac, 0.0)
+    assert_close(out.approx_kl, 0.0)
+    assert_close(out.ratio_mean, 1.0)
     assert out.loss.requires_grad and not out.clip_frac.requires_grad
 
 
@@ -282,14 +282,14 @@ def test_policy_loss_clipping_by_hand():
     old = torch.full((1, 5), -1.0)
     lp = (old + ratios.log()).requires_grad_(True)
     out = ppo_policy_loss(lp, old, adv, mask, clip_eps=0.2)
-    close(out.loss, (-1.2 - 0.5 + 0.8 + 3.0) / 4)  # 0.525
-    close(out.clip_frac, 0.5)
-    close(out.ratio_mean, 1.0)  # (1.5 + 0.5 + 0.5 + 1.5) / 4
+    assert_close(out.loss, (-1.2 - 0.5 + 0.8 + 3.0) / 4)  # 0.525
+    assert_close(out.clip_frac, 0.5)
+    assert_close(out.ratio_mean, 1.0)  # (1.5 + 0.5 + 0.5 + 1.5) / 4
     # k3: (1.5 - 1 - ln 1.5) = 0.094535, (0.5 - 1 - ln 0.5) = 0.193147, two of each
-    close(out.approx_kl, (0.5 - math.log(1.5) + -0.5 + LN2) / 2)
+    assert_close(out.approx_kl, (0.5 - math.log(1.5) + -0.5 + LN2) / 2)
     # gradients: clipped tokens 0; B: -A * ratio / 4 = -0.125; D: 2 * 1.5 / 4 = 0.75
     out.loss.backward()
-    close(lp.grad, [[0.0, -0.125, 0.0, 0.75, 0.0]])
+    assert_close(lp.grad, [[0.0, -0.125, 0.0, 0.75, 0.0]])
 
 
 def test_value_loss_clipping_by_hand():
@@ -303,14 +303,14 @@ def test_value_loss_clipping_by_hand():
     returns = torch.tensor([[3.0, 0.0, 1.0, -50.0]])
     mask = torch.tensor([[T, T, T, F]])
     out = ppo_value_loss(values, old, returns, mask, clip_eps=0.2)
-    close(out.loss, 0.5 * (3.24 + 4.0 + 0.81) / 3)  # 1.341667
-    close(out.clip_frac, 1 / 3)
+    assert_close(out.loss, 0.5 * (3.24 + 4.0 + 0.81) / 3)  # 1.341667
+    assert_close(out.clip_frac, 1 / 3)
     # returns [3, 0, 1]: mean 4/3, var (25 + 16 + 1) / 27 = 14/9
     # residuals [1, -2, 0.9]: mean -1/30, var (1 + 4 + 0.81) / 3 - 1/900 = 1.935556 -> EV = -0.244286
-    close(out.explained_variance, 1 - (5.81 / 3 - 1 / 900) / (14 / 9))
+    assert_close(out.explained_variance, 1 - (5.81 / 3 - 1 / 900) / (14 / 9))
     # gradient: clipped token has none; others 0.5 * 2 * (V - R) / 3
     out.loss.backward()
-    close(values.grad, [[0.0, 2.0 / 3, -0.9 / 3, 0.0]])
+    assert_close(values.grad, [[0.0, 2.0 / 3, -0.9 / 3, 0.0]])
 
 
 # --- lucidrains reference variant ------------------------------------------------------------
@@ -328,16 +328,16 @@ def test_reference_variant_no_kl_by_hand():
     )
     # rewards [1, -1] - old values 0 -> normalised (mean 0, biased var 1) -> advantages [1, -1]
     # surrogate -A per token: row 0 two tokens of -1, row 1 one real token of +1 -> (-1 - 1 + 1) / 3
-    close(out.entropy, LN2)
-    close(out.kl, 0.0)
-    close(out.policy_loss, -1 / 3 - 0.01 * LN2)
+    assert_close(out.entropy, LN2)
+    assert_close(out.kl, 0.0)
+    assert_close(out.policy_loss, -1 / 3 - 0.01 * LN2)
     # values clipped to old +- 0.4 = [0.4, -0.4]: max((0.4 - 1)^2, (0.5 - 1)^2) = 0.36 for both rows
-    close(out.value_loss, 0.36)
-    close(out.loss, -1 / 3 - 0.01 * LN2 + 0.36)
-    close(out.clip_frac, 0.0)
+    assert_close(out.value_loss, 0.36)
+    assert_close(out.loss, -1 / 3 - 0.01 * LN2 + 0.36)
+    assert_close(out.clip_frac, 0.0)
     out.loss.backward()
     # value gradient: clipped branch is the max, so no gradient reaches the values
-    close(values.grad, [0.0, 0.0])
+    assert_close(values.grad, [0.0, 0.0])
 
 
 def test_reference_variant_with_kl_and_clipping_by_hand():
@@ -353,18 +353,18 @@ def test_reference_variant_with_kl_and_clipping_by_hand():
     )
     # KL(old || new) row 0 = 0.5 ln(0.5 / 0.75) + 0.5 ln(0.5 / 0.25) = 0.143841; row 1 = 0
     kl0 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2.0)
-    close(out.kl, kl0 / 2)
+    assert_close(out.kl, kl0 / 2)
     # entropy row 0 = -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.562335, row 1 = ln 2
     h0 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    close(out.entropy, (h0 + LN2) / 2)
+    assert_close(out.entropy, (h0 + LN2) / 2)
     # rewards [1 - 0.1 kl0, -1]; two rows always normalise to [+1, -1]
     # row 0: min(1.5 * 1, 1.2 * 1) = 1.2 -> -1.2 per token (clipped); row 1: +1 per token
-    close(out.policy_loss, (-1.2 * 2 + 1.0 * 2) / 4 - 0.01 * (h0 + LN2) / 2)
-    close(out.clip_frac, 0.5)
+    assert_close(out.policy_loss, (-1.2 * 2 + 1.0 * 2) / 4 - 0.01 * (h0 + LN2) / 2)
+    assert_close(out.clip_frac, 0.5)
     # values: row 0 clipped to 0.4 vs target R0 = 1 - 0.1 kl0: max((0.4 - R0)^2, (0.5 - R0)^2);
     # row 1: max((-0.4 + 1)^2, (-0.5 + 1)^2) = 0.36
     r0 = 1 - 0.1 * kl0
-    close(out.value_loss, (max((0.4 - r0) ** 2, (0.5 - r0) ** 2) + 0.36) / 2)
+    assert_close(out.value_loss, (max((0.4 - r0) ** 2, (0.5 - r0) ** 2) + 0.36) / 2)
     out.policy_loss.backward()
     assert new.grad is not None and torch.isfinite(new.grad).all()
 
@@ -377,6 +377,6 @@ def test_reference_variant_single_sequence_has_zero_advantage():
         torch.tensor([0.0]), torch.ones(1, 3, dtype=torch.bool),
         clip_eps=0.2, value_clip=0.4, kl_coef=0.1, entropy_coef=0.01,
     )
-    close(out.policy_loss, -0.01 * math.log(4.0))
+    assert_close(out.policy_loss, -0.01 * math.log(4.0))
     # value 0 clipped to 0 +- 0.4 stays 0; target 3 -> 9
-    close(out.value_loss, 9.0)
+    assert_close(out.value_loss, 9.0)
