@@ -182,6 +182,10 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
             row.update(iterations=len(train), accuracy=_number(val.get("accuracy")),
                        init_accuracy=_number(extra.get("init_accuracy")), format_rate=_number(val.get("format_rate")),
                        response_tokens=_number(val.get("response_tokens")),
+                       train_sampled_reward=_number(val.get("train_sampled_reward")),
+                       init_train_sampled_reward=_number(extra.get("init_train_sampled_reward")),
+                       sampled_reward=_number(val.get("sampled_reward")),
+                       init_sampled_reward=_number(extra.get("init_sampled_reward")),
                        train_first=pick(train[0]) if train else {}, train_last=pick(train[-1]) if train else {})
         out[name] = row
     return out
@@ -230,7 +234,12 @@ def key_rows(summary: dict[str, dict]) -> list[tuple[str, str, str, str]]:
     s = summary.get("ppo")
     if s:
         first, last = s["train_first"], s["train_last"]
-        for key, label in (("true_reward", "true reward (checker, rollouts)"), ("reward", "RM reward (rollouts)"),
+        # the policy's expected true reward (fresh samples, fixed prompts): the number that says whether RL helped
+        for key, label, where in (("train_sampled_reward", "true reward, sampled (training prompts)", "before PPO"),
+                                  ("sampled_reward", "true reward, sampled (held-out)", "before PPO")):
+            if s.get(key) is not None:
+                rows.append(("ppo", label, _f(s[key]), f"{where} {_f(s.get('init_' + key))}"))
+        for key, label in (("true_reward", "true reward (checker, one rollout batch)"), ("reward", "RM reward (rollouts)"),
                            ("kl", "KL to SFT (nats/seq)"), ("entropy", "entropy"),
                            ("response_tokens", "response tokens")):
             if key in last:

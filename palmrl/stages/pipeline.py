@@ -24,6 +24,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from palmrl.errors import UserError
+from rich.markup import escape
+
 from palmrl.tracking import Tracker, console
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
@@ -151,7 +153,7 @@ def run(cfg: DictConfig) -> Path:
         starter = launcher if training and launcher else [sys.executable, "-m"]
         command = [*starter, "palmrl", stage, *args]
         console.print(f"[bold]pipeline[/] {stage}: {'continuing' if action == 'resume' else 'running'} "
-                      f"`palmrl {stage} {' '.join(args)}`")
+                      f"`palmrl {stage} {escape(' '.join(args))}`")
         t0 = time.perf_counter()
         code = subprocess.call(command)
         if code != 0:
