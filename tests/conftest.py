@@ -27,6 +27,18 @@ def _private_cache(tmp_path_factory):
     yield cache
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP barriers
+    made such tests up to 20x slower; the thread count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def dist_env():
     """torch.distributed with one gloo process, as a plain `palmrl` run sets it up."""

@@ -10,14 +10,7 @@ from palmrl.model import ModelConfig, PaLM
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers made
-    these tests 20x slower; restore the thread count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(**overrides) -> PaLM:

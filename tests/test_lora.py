@@ -25,14 +25,7 @@ CONFIG = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_se
 TOKENS = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers made
-    these tests 20x slower; restore the thread count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_model() -> PaLM:

@@ -13,14 +13,7 @@ from palmrl.model.palm import attend_bmm
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP barriers made
-    these tests 20x slower; restore the thread count afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
 VARIANTS = {

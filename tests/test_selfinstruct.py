@@ -33,13 +33,7 @@ LOOSE = ["filters.min_instruction_words=1", "filters.drop_truncated=false", "ins
          "response.max_tokens=16", "prompts_per_round=8", "prompt.seed_examples=1", "prompt.generated_examples=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 1-layer, 32-wide model gains nothing from a second thread and loses a lot when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
