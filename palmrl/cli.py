@@ -73,7 +73,7 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"palmrl: error: {message}", file=sys.stderr)
+    print(f"palmrl: {'error: ' if code else ''}{message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         from palmrl.runtime import run_stage
 
         try:
-            return run_stage(stage, cfg, stage_runner(stage))
+            return run_stage(stage, cfg, stage_runner(stage), from_cli=True)
         except UserError as err:  # exit here: Hydra would add its own "Error executing job" line
             _fail(str(err), err.exit_code)
 

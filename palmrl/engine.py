@@ -11,9 +11,14 @@ and the RNG states travel in DeepSpeed's client state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import pickle
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from palmrl import checkpoint
-from palmrl.errors import TrainingDiverged, UserError
+from palmrl.errors import Preempted, TrainingDiverged, UserError
 from palmrl.runtime import Dist
 from palmrl.tracking import Tracker
 
@@ -38,19 +43,11 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
 
     `optimizer_steps` is the schedule length when a loop step makes several optimizer steps (PPO).
     """
+    check_training_config(cfg)
     train, optim = cfg.train, cfg.optim
     micro, accum = int(train.micro_batch_size), int(train.grad_accum)
-    for key, value in (("train.micro_batch_size", micro), ("train.grad_accum", accum), ("train.max_steps", train.max_steps)):
-        if value <= 0:
-            raise UserError(f"{key} must be positive, got {value}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 is not supported on CPU)")
     zero = OmegaConf.to_container(cfg.zero, resolve=True)
-    if zero.get("stage") not in (0, 1, 2, 3):
-        raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {zero.get('stage')}")
     total = int(optimizer_steps or train.max_steps)
-    if int(optim.warmup_steps) < 0:
-        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     warmup = max(1, min(int(optim.warmup_steps), total - 1))  # DeepSpeed's schedule needs >= 1 (1 step ≈ none)
     config = {
         "train_micro_batch_size_per_gpu": micro,
@@ -76,6 +73,30 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
     if zero.get("offload_optimizer") and optim.torch_adam:
         config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: no C++ build
     return config
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """The train/optim/zero keys every training stage shares, checked before anything is built or written."""
+    train, optim = cfg.train, cfg.optim
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        if train.get(key) is not None and int(train[key]) <= 0:
+            raise UserError(f"train.{key} must be positive, got {train[key]}")
+    for key in ("save_every", "eval_every", "keep_last"):
+        if train.get(key) is not None and int(train[key]) < 0:
+            raise UserError(f"train.{key} must be >= 0, got {train[key]}")
+    if float(optim.lr) <= 0:
+        raise UserError(f"optim.lr must be positive, got {optim.lr}")
+    if int(optim.warmup_steps) < 0:
+        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 would need loss scaling; "
+                        f"use bf16 on GPUs)")
+    if cfg.zero.get("stage") not in (0, 1, 2, 3):
+        raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.get('stage')}")
+    if str(train.get("on_nonfinite", "skip")) not in ("skip", "stop"):
+        raise UserError(f"train.on_nonfinite must be skip or stop, got '{train.on_nonfinite}'")
+    if int(train.get("max_nonfinite_streak", 3)) < 1:
+        raise UserError(f"train.max_nonfinite_streak must be >= 1, got {train.max_nonfinite_streak}")
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -112,7 +133,10 @@ def gather_state_dict(engine, module: nn.Module | None = None) -> dict[str, torc
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy()}
+    """RNG states as tensors and plain numbers only, so the client state loads with weights_only=True."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(key.astype(np.int64)),
+             "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(gauss)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -120,9 +144,58 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: Mapping) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"], 0, 0, 0.0))
+    has_gauss, gauss = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", np.asarray(state["numpy"]).astype(np.uint32), int(state.get("numpy_pos", 0)),
+                         int(has_gauss), float(gauss)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _safe_ds_globals() -> list:
+    """The few non-tensor types DeepSpeed pickles into its checkpoint files (found by saving every ZeRO
+    stage × precision). They are plain data holders; nothing else may be unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    """torch.load of DeepSpeed state with weights_only=True: a planted pickle cannot run code."""
+    try:
+        with torch.serialization.safe_globals(_safe_ds_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(err).splitlines()[0] if str(err) else "not a tensor file")
+        raise UserError(f"resume: refused to load {path}: it holds more than tensors and plain data "
+                        f"({reason}); palmrl never unpickles code") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"resume: unreadable DeepSpeed state {path}: {str(err).splitlines()[0]}") from None
+
+
+def _skip_nonfinite_steps(engine) -> None:
+    """Make every ZeRO stage skip an optimizer step whose gradients are NaN/Inf.
+
+    DeepSpeed's ZeRO optimizers and its bf16 wrapper already skip such steps (counted in
+    engine.skipped_steps); plain fp32 without ZeRO applies them. Guard that path the same way:
+    its gradients are already all-reduced, so every rank takes the same decision.
+    """
+    optimizer = engine.optimizer
+    if optimizer is not engine.basic_optimizer:
+        return
+    step = optimizer.step
+
+    def guarded_step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not all(torch.isfinite(g).all() for g in grads):
+            optimizer.zero_grad(set_to_none=True)
+            engine.skipped_steps += 1
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = guarded_step
 
 
 class Trainer:
@@ -152,19 +225,27 @@ class Trainer:
         self.manifest_extra: dict[str, Any] = {}  # stage facts for the manifest (LoRA scopes, heads, ...)
         self.before_final_save: Callable[[], None] = lambda: None  # last checks that go into the final manifest
 
-        self._check_out_dir()
-        config = ds_config(cfg, dist_info.world_size, optimizer_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, model_parameters=param_groups(module, float(cfg.optim.weight_decay)), config=config)
-        self.tracker = Tracker(self.out_dir, enabled=dist_info.is_main, total_steps=self.max_steps, stage=stage,
-                               logger_cfg=cfg.get("logger"), config=OmegaConf.to_container(cfg, resolve=True))
         self.train_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.total_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        config = ds_config(cfg, dist_info.world_size, optimizer_steps)
+        self._check_out_dir()
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, float(cfg.optim.weight_decay)), config=config)
+        self.engine.checkpoint_engine.load = safe_load
+        _skip_nonfinite_steps(self.engine)
+        self.on_nonfinite = str(cfg.train.get("on_nonfinite", "skip"))
+        self.max_nonfinite_streak = int(cfg.train.get("max_nonfinite_streak", 3))
+        self.nonfinite_steps = 0   # steps whose loss or gradients were NaN/Inf (their updates were skipped)
+        self._nonfinite_streak = 0
+        self._signal: str | None = None
+        self.tracker = Tracker(self.out_dir, enabled=dist_info.is_main, total_steps=self.max_steps, stage=stage,
+                               logger_cfg=cfg.get("logger"), config=OmegaConf.to_container(cfg, resolve=True))
 
     # ---- output folder -------------------------------------------------------------------
     def _check_out_dir(self) -> None:
         """Never overwrite a previous run: continuing one needs resume=auto, replacing it overwrite=true."""
         has_run = (self.out_dir / DS_DIR).exists() or (self.out_dir / "final").exists()
+        self._resume_tag()  # a resume target that does not exist fails before anything is written
         if has_run and self.cfg.resume is None and not self.cfg.get("overwrite", False):
             raise UserError(f"{self.out_dir} already holds a {self.stage} run: add resume=auto to continue it, "
                             f"overwrite=true to replace it, or choose another run_name")
@@ -173,10 +254,19 @@ class Trainer:
                 for sub in [DS_DIR, "final", "metrics.jsonl", *[p.name for p in self.out_dir.glob("step-*")]]:
                     target = self.out_dir / sub
                     shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"out_dir: cannot create {self.out_dir}: {err.strerror}") from None
             _check_writable(self.out_dir)
+            _check_free_space(self.out_dir, self.checkpoint_bytes())
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         self._barrier()
+
+    def checkpoint_bytes(self) -> int:
+        """Disk one checkpoint takes: DeepSpeed state (weights + fp32 master and two Adam moments of the
+        trainable ones) plus the consolidated fp32 safetensors folder."""
+        return 4 * self.total_params + 12 * self.train_params + 4 * self.total_params
 
     def _barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -196,8 +286,24 @@ class Trainer:
             raise UserError(f"resume: no DeepSpeed state for '{tag}' in {self.out_dir / DS_DIR}")
         return tag
 
+    def _discard_partial_writes(self, tag: str | None) -> None:
+        """A run killed while checkpointing leaves DeepSpeed tags newer than `latest` and temporary
+        folders; neither is ever resumed from. Remove them so the run folder reads cleanly."""
+        if not self.dist.is_main:
+            return
+        for leftover in self.out_dir.glob(".step-*.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.out_dir.glob(".final.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for ds_tag in (self.out_dir / DS_DIR).glob("step-*"):
+            if ds_tag.is_dir() and (tag is None or ds_tag.name > tag):
+                shutil.rmtree(ds_tag, ignore_errors=True)
+
     def maybe_resume(self) -> int:
         tag = self._resume_tag()
+        if str(self.cfg.resume) == "auto":
+            self._discard_partial_writes(tag)
+            self._barrier()
         if tag is None:
             self.tracker.truncate_after(0)  # a run that died before its first checkpoint starts over
             if self.cfg.resume == "auto" and self.dist.is_main:
@@ -220,16 +326,31 @@ class Trainer:
         tag = checkpoint.step_name(self.step)
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "rng": _rng_state(),
                   "stage_state": self.stage_state()}
-        self.engine.save_checkpoint(str(self.out_dir / DS_DIR), tag=tag, client_state=client)
-        state = gather_state_dict(self.engine)
-        folder = self.out_dir / ("final" if final else tag)
+        try:
+            # `latest` is written by palmrl below, after every rank's files and the consolidated folder
+            # are complete: a crash at any point of a save leaves it naming the previous checkpoint
+            self.engine.save_checkpoint(str(self.out_dir / DS_DIR), tag=tag, client_state=client, save_latest=False)
+            state = gather_state_dict(self.engine)
+            folder = self.out_dir / ("final" if final else tag)
+            if self.dist.is_main:
+                weights, adapters = self.export_fn(state)
+                checkpoint.save(folder, stage=self.stage, step=self.step, weights=weights, adapters=adapters,
+                                model_config=self.model_config, tokenizer=self.tokenizer,
+                                config=OmegaConf.to_container(self.cfg, resolve=True),
+                                metrics={**(metrics or {}), "tokens_seen": self.tokens_seen,
+                                         "nonfinite_steps": self.nonfinite_steps},
+                                parent=self.parent, extra=self.manifest_extra)
+        except OSError as err:
+            raise UserError(f"checkpoint: could not write step {self.step} to {self.out_dir}: {err.strerror or err}; "
+                            f"{self.last_good()}") from None
+        except RuntimeError as err:  # torch.save reports a failed write (disk full) as RuntimeError
+            if not any(sign in str(err) for sign in ("writ", "inline_container", "StreamWriter")):
+                raise
+            raise UserError(f"checkpoint: could not write step {self.step} to {self.out_dir}: "
+                            f"{str(err).splitlines()[0]}; {self.last_good()}") from None
+        self._barrier()
         if self.dist.is_main:
-            weights, adapters = self.export_fn(state)
-            checkpoint.save(folder, stage=self.stage, step=self.step, weights=weights, adapters=adapters,
-                            model_config=self.model_config, tokenizer=self.tokenizer,
-                            config=OmegaConf.to_container(self.cfg, resolve=True),
-                            metrics={**(metrics or {}), "tokens_seen": self.tokens_seen}, parent=self.parent,
-                            extra=self.manifest_extra)
+            _write_atomic(self.out_dir / DS_DIR / "latest", tag)
             checkpoint.prune_steps(self.out_dir, int(self.cfg.train.keep_last))
             self._prune_ds_tags()
         self._barrier()
@@ -264,40 +385,104 @@ class Trainer:
         self.engine.train()
         window_t, window_tokens = time.perf_counter(), 0
         eval_metrics: dict[str, Any] = {}
-        for step in range(start + 1, self.max_steps + 1):
-            self.step = step
-            metrics = dict(step_fn(step))
-            self.tokens_seen += self.tokens_per_step
-            window_tokens += self.tokens_per_step
-            loss = metrics.get("loss")
-            if loss is not None and not math.isfinite(float(loss)):
-                raise TrainingDiverged(f"{self.stage}: loss became {loss} at step {step}; {self.last_good()} "
-                                       f"(lower optim.lr or raise optim.warmup_steps)")
-            if step % int(train.log_every) == 0 or step == self.max_steps:
-                elapsed = time.perf_counter() - window_t
-                metrics.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else float(self.cfg.optim.lr),
-                               tokens_per_s=window_tokens / max(elapsed, 1e-9))
-                self.tracker.log(step, metrics)
-                window_t, window_tokens = time.perf_counter(), 0
-            else:
-                self.tracker.advance(step)
-            if eval_fn is not None and int(train.eval_every) > 0 and step % int(train.eval_every) == 0 \
-                    and step != self.max_steps:
+        with self._stop_on_signals():
+            for step in range(start + 1, self.max_steps + 1):
+                self.step = step
+                skipped_before = self.engine.skipped_steps
+                metrics = dict(step_fn(step))
+                self.tokens_seen += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                self._check_finite(step, metrics, self.engine.skipped_steps - skipped_before)
+                if step % int(train.log_every) == 0 or step == self.max_steps or metrics.get("nonfinite"):
+                    elapsed = time.perf_counter() - window_t
+                    metrics.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else float(self.cfg.optim.lr),
+                                   tokens_per_s=window_tokens / max(elapsed, 1e-9))
+                    self.tracker.log(step, metrics)
+                    window_t, window_tokens = time.perf_counter(), 0
+                else:
+                    self.tracker.advance(step)
+                if eval_fn is not None and int(train.eval_every) > 0 and step % int(train.eval_every) == 0 \
+                        and step != self.max_steps:
+                    eval_metrics = self.evaluate(eval_fn)
+                signal_name = self._agreed_signal()
+                stop_here = train.get("stop_after") is not None and step == int(train.stop_after) and step != self.max_steps
+                periodic = int(train.save_every) > 0 and step % int(train.save_every) == 0 and step != self.max_steps
+                if (periodic or stop_here or signal_name) and step != self.max_steps:
+                    self.save(metrics=eval_metrics)
+                if signal_name and step != self.max_steps:
+                    where = self.out_dir / DS_DIR / checkpoint.step_name(step)
+                    self.tracker.finish({"stopped at step": step, "reason": signal_name, "checkpoint": str(where),
+                                         "continue with": "the same command + resume=auto"})
+                    raise Preempted(f"{self.stage}: {signal_name} received: saved step {step} to {where}; continue "
+                                    f"with the same command and resume=auto")
+                if stop_here:
+                    self.tracker.finish({"stopped at step": step, "continue with": "resume=auto"})
+                    return self.out_dir / checkpoint.step_name(step)
+            if eval_fn is not None:
                 eval_metrics = self.evaluate(eval_fn)
-            stop_here = train.get("stop_after") is not None and step == int(train.stop_after) and step != self.max_steps
-            if (int(train.save_every) > 0 and step % int(train.save_every) == 0 and step != self.max_steps) or stop_here:
-                self.save(metrics=eval_metrics)
-            if stop_here:
-                self.tracker.finish({"stopped at step": step, "continue with": "resume=auto"})
-                return self.out_dir / checkpoint.step_name(step)
-        if eval_fn is not None:
-            eval_metrics = self.evaluate(eval_fn)
-        self.final_metrics = dict(eval_metrics)
-        self.before_final_save()
-        final = self.save(final=True, metrics=self.final_metrics)
+            self.final_metrics = dict(eval_metrics)
+            self.before_final_save()
+            final = self.save(final=True, metrics=self.final_metrics)
         self.tracker.finish({"final checkpoint": str(final), "steps": self.step,
                              "tokens seen": self.tokens_seen, **self.final_metrics})
         return final
+
+    def _check_finite(self, step: int, metrics: dict, skipped_updates: int) -> None:
+        """NaN/Inf in the loss (any rank) or the gradients (the optimizer skipped its update): count the
+        step and go on (train.on_nonfinite=skip), or stop with the last good checkpoint kept (stop, or
+        after train.max_nonfinite_streak such steps in a row)."""
+        loss = metrics.get("loss")
+        bad_loss = loss is not None and not math.isfinite(float(loss))
+        bad = _any_rank(bad_loss or skipped_updates > 0)
+        if not bad:
+            self._nonfinite_streak = 0
+            return
+        self.nonfinite_steps += 1
+        self._nonfinite_streak += 1
+        what = f"loss became {loss}" if bad_loss else "gradients were NaN/Inf"
+        metrics.update(nonfinite=1, nonfinite_steps=self.nonfinite_steps, skipped_updates=skipped_updates)
+        if self.on_nonfinite == "stop" or self._nonfinite_streak >= self.max_nonfinite_streak:
+            why = "train.on_nonfinite=stop" if self.on_nonfinite == "stop" else \
+                f"{self._nonfinite_streak} such steps in a row (train.max_nonfinite_streak)"
+            raise TrainingDiverged(f"{self.stage}: {what} at step {step} ({why}); {self.last_good()} "
+                                   f"(lower optim.lr or raise optim.warmup_steps)")
+        if self.dist.is_main:
+            self.tracker.note(f"step {step}: {what}; update skipped ({self.nonfinite_steps} so far, "
+                              f"train.on_nonfinite=skip)")
+
+    # ---- signals -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, save, exit 0 with how to resume.
+        A second SIGINT exits at once; `latest` still names the last complete checkpoint."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self._signal is not None:
+                if signum == signal.SIGINT:
+                    print(f"palmrl: second {name}: exiting now; {self.last_good()}", file=sys.stderr, flush=True)
+                    os._exit(130)
+                return  # torchrun follows a Ctrl-C with SIGTERM: already stopping
+            self._signal = name
+            if self.dist.is_main:
+                print(f"\npalmrl: {name} received: saving a checkpoint after this step "
+                      f"(Ctrl-C again quits at once)", file=sys.stderr, flush=True)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _agreed_signal(self) -> str | None:
+        """Every rank stops at the same step: the signal one rank got counts for all."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self._signal
+        return ("SIGTERM" if self._signal is None else self._signal) if _any_rank(self._signal is not None) else None
 
     def last_good(self) -> str:
         latest = self.out_dir / DS_DIR / "latest"
@@ -317,6 +502,29 @@ class Trainer:
         """One micro-batch: DeepSpeed scales for accumulation and steps the optimizer on the boundary."""
         self.engine.backward(loss)
         self.engine.step()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"out_dir: only {free / 2**20:,.1f} MiB free in {folder} but one checkpoint needs about "
+                        f"{needed / 2**20:,.1f} MiB (weights + optimizer state); free some space or choose another out_dir")
 
 
 def _check_writable(folder: Path) -> None:

@@ -15,3 +15,9 @@ class TrainingDiverged(UserError):
     """Training hit NaN/Inf or a KL blow-up; the last good checkpoint is kept (exit code 3)."""
 
     exit_code = 3
+
+
+class Preempted(UserError):
+    """SIGTERM/SIGINT stopped training after a checkpoint was written: not a failure (exit code 0)."""
+
+    exit_code = 0

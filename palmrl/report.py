@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from palmrl.errors import UserError
+from palmrl.tracking import read_metrics
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")  # pipeline order; a run holds any subset
 PLOT_NAMES = ("pretrain.png", "sft.png", "reward.png", "ppo.png", "best_of_n.png")
@@ -82,24 +83,6 @@ class Report(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # reading a run folder
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl → list of dicts; a bad line is a UserError naming file and line."""
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object")
-        rows.append(row)
-    return rows
 
 
 def find_stages(run_dir: Path) -> dict[str, StageRun]:

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from palmrl.errors import UserError
 
 console = Console(stderr=True, highlight=False)
 
@@ -30,9 +33,26 @@ def _fmt(value: Any) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl → list of dicts. A last line torn by a crash (kill -9 mid-write) is dropped;
+    any other bad line is a UserError naming file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == last and not path.read_bytes().endswith(b"\n"):
+                break  # torn write
+            raise UserError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i + 1}: expected a JSON object")
+        rows.append(row)
+    return rows
 
 
 class Tracker:
@@ -65,7 +85,9 @@ class Tracker:
         if not self.enabled or not self.metrics_path.is_file():
             return
         kept = [m for m in read_metrics(self.metrics_path) if m.get("step", 0) <= step]
-        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, self.metrics_path)
 
     def summary(self, title: str, rows: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -105,6 +127,11 @@ class Tracker:
             self._progress.console.print(f"[dim]{split}[/] {line}")
         else:
             console.print(f"{self.stage} {split} {line}")
+
+    def note(self, text: str) -> None:
+        """A one-line warning in the console (not a metric)."""
+        if self.enabled:
+            console.print(f"[yellow]{self.stage}: {escape(text)}[/]")
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

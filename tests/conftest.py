@@ -87,7 +87,13 @@ def pipeline_args():
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, pipeline_args):
-    """Run the whole pipeline once per session; returns runs/<run_name>."""
+    """Run the whole pipeline once per session; returns runs/<run_name>.
+
+    PALMRL_TEST_PIPELINE_RUN=<runs/ci folder of an earlier `palmrl pipeline run_name=ci`> reuses that
+    run instead (a development shortcut; CI always runs the pipeline)."""
+    reuse = os.environ.get("PALMRL_TEST_PIPELINE_RUN")
+    if reuse:
+        return Path(reuse)
     work = tmp_path_factory.mktemp("pipeline")
     proc = palmrl_cli("pipeline", *pipeline_args, cwd=work, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,12 +1,10 @@
-"""sft, reward and ppo beyond the pipeline's quality gates: LoRA freezing and merging, exact resume,
-2 ranks under torchrun, the binned reward model, verifiable rewards, frozen models, bad input."""
+"""sft, reward and ppo beyond the pipeline's quality gates: LoRA freezing and merging, the binned
+reward model, verifiable rewards, frozen models, bad input. (Exact resume after kill -9 and 2 ranks
+under torchrun for every stage: test_reliability.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,31 +27,6 @@ def metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_resume_reproduces(stage: str, args: list[str], tmp_path, stop_after: int):
-    """k steps, stop, resume=auto, the rest == one uninterrupted run (weights, adapters, metrics)."""
-    straight, broken = tmp_path / f"{stage}-straight", tmp_path / f"{stage}-broken"
-    run_stage(stage, [*args, f"out_dir={straight}"])
-    run_stage(stage, [*args, f"out_dir={broken}", f"train.stop_after={stop_after}"])
-    assert not (broken / "final").exists()
-    run_stage(stage, [*args, f"out_dir={broken}", "resume=auto"])
-    for name in ("model.safetensors", "adapters.safetensors"):
-        if (straight / "final" / name).exists():
-            a, b = load_file(straight / "final" / name), load_file(broken / "final" / name)
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
-    assert strip(metrics(straight)) == strip(metrics(broken))
-
-
-def run_torchrun(stage: str, args: list[str]):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "palmrl", stage, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-# ---- sft -------------------------------------------------------------------------------------
-
 def test_sft_lora_trains_adapters_only_and_merges_exactly(pipeline_run, tmp_path, dist_env):
     from palmrl import checkpoint
     from palmrl.stages.common import model_from_checkpoint, policy_from_checkpoint
@@ -71,17 +44,6 @@ def test_sft_lora_trains_adapters_only_and_merges_exactly(pipeline_run, tmp_path
     tokens = torch.randint(7, 2048, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(unmerged(tokens), merged.eval()(tokens), atol=1e-5, rtol=1e-5)
-
-
-def test_sft_resume_reproduces(pipeline_run, tmp_path, dist_env):
-    assert_resume_reproduces("sft", [f"init_from={pipeline_run / 'pretrain'}", *SFT_SMALL], tmp_path, stop_after=3)
-
-
-def test_sft_two_ranks_zero2(pipeline_run, tmp_path):
-    out = tmp_path / "sft2"
-    run_torchrun("sft", [f"init_from={pipeline_run / 'pretrain'}", "zero=stage2", f"out_dir={out}", *SFT_SMALL])
-    manifest = json.loads((out / "final" / "manifest.json").read_text())
-    assert manifest["config"]["zero"]["stage"] == 2 and "accuracy" in manifest["metrics"]
 
 
 def test_sft_bad_input(pipeline_run, tmp_path, dist_env):
@@ -152,13 +114,6 @@ def test_binned_reward_orders_responses_by_rating(pipeline_run, tmp_path, dist_e
     assert ckpt.manifest["metrics"]["accuracy"] > 1 / 5 + 0.1
 
 
-def test_reward_resume_and_two_ranks(pipeline_run, tmp_path, dist_env):
-    args = [f"init_from={pipeline_run / 'sft'}", *REWARD_SMALL]
-    assert_resume_reproduces("reward", args, tmp_path, stop_after=3)
-    run_torchrun("reward", [*args, "zero=stage2", f"out_dir={tmp_path / 'r2'}"])
-    assert (tmp_path / "r2" / "final" / "model.safetensors").is_file()
-
-
 def test_reward_bad_input(pipeline_run, tmp_path, dist_env):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in [
@@ -205,28 +160,21 @@ def test_ppo_keeps_reference_and_reward_frozen(pipeline_run):
 
 def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, dist_env):
     """PPO on the checker's reward (reward_fn=): the policy's expected true reward on its prompts
-    rises by a clear margin in 16 iterations while the KL to the SFT reference stays bounded."""
+    rises by a clear margin in 24 iterations while the KL to the SFT reference stays bounded."""
     from palmrl import checkpoint
 
     out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker", TASKS,
-                            f"out_dir={tmp_path / 'rlvr'}", "data.train_size=64", "train.max_steps=16",
+                            f"out_dir={tmp_path / 'rlvr'}", "data.train_size=64", "train.max_steps=24",
                             "train.eval_every=0", "train.eval_examples=64", "optim.lr=2e-3", "ppo.rollout_batch=64",
                             "ppo.minibatch=16", "ppo.epochs=2", "ppo.max_new_tokens=8", "train.save_every=0"])
     rows = [m for m in metrics(out.parent) if m["split"] == "train"]
-    assert len(rows) == 16 and all(0.0 <= r["true_reward"] <= 1.0 for r in rows)
+    assert len(rows) == 24 and all(0.0 <= r["true_reward"] <= 1.0 for r in rows)
     # with reward_fn the score is the checker's (minus the missing-eos penalty)
     assert all(r["reward"] == pytest.approx(r["true_reward"] - (1 - r["eos_rate"]), abs=1e-6) for r in rows)
     manifest = checkpoint.load(out).manifest
     before, after = manifest["init_train_sampled_reward"], manifest["metrics"]["train_sampled_reward"]
     assert after >= before + 0.05, (before, after)
     assert max(r["kl"] for r in rows) < 5.0
-
-
-def test_ppo_resume_and_two_ranks(pipeline_run, tmp_path, dist_env):
-    args = [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", *PPO_SMALL]
-    assert_resume_reproduces("ppo", args, tmp_path, stop_after=2)
-    run_torchrun("ppo", [*args, "zero=stage2", f"out_dir={tmp_path / 'p2'}"])
-    assert (tmp_path / "p2" / "final" / "adapters.safetensors").is_file()
 
 
 def test_ppo_bad_input(pipeline_run, tmp_path, dist_env):

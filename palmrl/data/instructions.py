@@ -81,7 +81,7 @@ def _locations(data_cfg) -> Iterator[str]:
     path, local = data_cfg.get("path"), data_cfg.get("source") == "local"
     count = 0
     if local and path and str(path).endswith(".jsonl") and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:  # counting lines only; the reader checks
             for line_number, line in enumerate(f, start=1):
                 if line.strip():
                     count += 1

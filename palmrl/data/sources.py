@@ -181,11 +181,13 @@ def _local_records(paths: list[Path], streaming: bool, sample_by: str) -> Iterat
             for record in table:  # streaming reads (and fails) here, not in load_dataset
                 yield str(path), record
         except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
+            if builder != "parquet":
+                check_utf8(path)
             bad_line = find_malformed_json(path) if builder == "json" else None
             if bad_line is not None:
                 raise UserError(bad_line) from exc
             if not _holds_no_records(exc):
-                raise
+                raise UserError(f"{path}: could not read its records ({_root_cause(exc)})") from exc
 
 
 def _hf_records(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
@@ -204,22 +206,65 @@ def _hf_records(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
         yield f"HF dataset {name!r}", record
 
 
+def check_utf8(path: Path) -> None:
+    """Text sources must be UTF-8: name the first line that is not (binary garbage, latin-1...)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at column "
+                                f"{err.start + 1}); re-encode the file as UTF-8") from None
+
+
+def _json_kind(value: Any) -> str | None:
+    if value is None:
+        return None  # null fits any column
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
+
+
 def find_malformed_json(path: Path) -> str | None:
-    """"file:line: message" for the first malformed line of a JSON or JSON-lines file, else None."""
+    """"file:line: message" for the first line of a JSON or JSON-lines file that cannot become a
+    table row: not valid JSON, not an object, or a field whose type differs from earlier lines."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     if text.lstrip().startswith("["):  # one JSON document (an array of records)
         try:
-            json.loads(text)
+            rows = [(None, row) for row in json.loads(text)]
         except json.JSONDecodeError as exc:
             return f"{path}:{exc.lineno}: malformed JSON ({exc.msg})"
-        return None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as exc:
-                return f"{path}:{number}: malformed JSON line ({exc.msg})"
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    return f"{path}:{number}: malformed JSON line ({exc.msg})"
+    first_seen: dict[str, tuple[str, Any]] = {}
+    for index, (number, row) in enumerate(rows):
+        where = f"{path}:{number}" if number is not None else f"{path}: record #{index}"
+        if not isinstance(row, dict):
+            return f"{where}: expected a JSON object with named fields, got {_json_kind(row) or 'null'}"
+        for key, value in row.items():
+            kind = _json_kind(value)
+            if kind is None:
+                continue
+            if key not in first_seen:
+                first_seen[key] = (kind, number if number is not None else f"record #{index}")
+            elif first_seen[key][0] != kind:
+                earlier_kind, earlier = first_seen[key]
+                return f"{where}: field '{key}' is {kind} here but {earlier_kind} at line {earlier}"
     return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _holds_no_records(exc: Exception) -> bool:

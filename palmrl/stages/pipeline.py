@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from palmrl.errors import UserError
+from palmrl.errors import Preempted, UserError
 from rich.markup import escape
 
 from palmrl.tracking import Tracker, console
@@ -95,6 +96,27 @@ def _compose(stage: str, args: list[str]) -> dict:
         return build()
 
 
+def _run_child(command: list[str]) -> tuple[int, str | None]:
+    """Run one stage and wait for it, even through Ctrl-C / SIGTERM: the stage saves a checkpoint
+    and exits 0 on its own. SIGINT from a terminal reaches the child directly (same process group);
+    SIGTERM sent to the pipeline alone (a scheduler, `kill`) is passed on."""
+    child = subprocess.Popen(command)
+    received: list[str] = []
+
+    def on_signal(signum, frame):
+        received.append(signal.Signals(signum).name)
+        if signum == signal.SIGTERM:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return code, (received[0] if received else None)
+
+
 def plan(stage: str, args: list[str], run_dir: Path, *, upstream_changed: bool = False) -> str:
     """run | skip | resume | replace for a stage, from what its folder already holds.
 
@@ -155,7 +177,11 @@ def run(cfg: DictConfig) -> Path:
         console.print(f"[bold]pipeline[/] {stage}: {'continuing' if action == 'resume' else 'running'} "
                       f"`palmrl {stage} {escape(' '.join(args))}`")
         t0 = time.perf_counter()
-        code = subprocess.call(command)
+        code, signalled = _run_child(command)
+        resume_hint = f"rerun `palmrl pipeline run_name={cfg.run_name}` to continue from there"
+        unfinished = training and not (run_dir / stage / "final" / "manifest.json").is_file()
+        if signalled or (code == 0 and unfinished):
+            raise Preempted(f"pipeline: stopped by {signalled or 'a signal'} during {stage}; {resume_hint}")
         if code != 0:
             raise UserError(f"pipeline: stage {stage} failed (exit {code}); fix it and rerun `palmrl pipeline "
                             f"run_name={cfg.run_name}` to continue from there")
