@@ -83,10 +83,9 @@ class Checkpoint:
         expected = self.manifest.get("tokenizer_sha256")
         if expected and tokenizer.content_hash() != expected:
             raise UserError(f"checkpoint {self.path}: its tokenizer does not match tokenizer_sha256 in {MANIFEST}")
-        vocab = yaml.safe_load((self.path / MODEL_YAML).read_text()).get("vocab_size")
-        if vocab != tokenizer.vocab_size:
-            raise UserError(f"checkpoint {self.path}: tokenizer has {tokenizer.vocab_size} ids but {MODEL_YAML} "
-                            f"says vocab_size {vocab}")
+        from palmrl.stages.common import check_vocab, config_from_dict
+
+        check_vocab(tokenizer, config_from_dict(self.model_config), where=f"checkpoint {self.path}")
         return tokenizer
 
     def _verified(self, name: str) -> Path:

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "reward": ("palmrl.stages.reward", "train a reward model on preference pairs (Bradley-Terry) or ratings (binned)"),
     "ppo": ("palmrl.stages.ppo", "RLHF with PPO: KL to the SFT reference, GAE, clipped losses, adaptive KL"),
     "sample": ("palmrl.stages.sample", "generate from any checkpoint (best-of-n with a reward model)"),
+    "export": ("palmrl.stages.export", "write a policy started from a Hugging Face model as a standard HF folder"),
     "pipeline": ("palmrl.stages.pipeline", "tokenizer → pretrain → sft → reward → ppo → report, chained by path"),
     "report": ("palmrl.stages.report", "tables and PNG plots of a run's stages"),
     "selfinstruct": ("palmrl.stages.selfinstruct", "grow seed examples into an instruction set (local or OpenAI-compatible generator)"),

@@ -148,6 +148,10 @@ class Tokenizer:
     def load(cls, folder: Path) -> Tokenizer:
         """Load the tokenizer saved in `folder` (or the tokenizer.model / tokenizer.json given)."""
         folder = Path(folder)
+        from palmrl.model.hf import TOKENIZER_DIR, HFTokenizer
+
+        if (folder / TOKENIZER_DIR).is_dir():  # a checkpoint made from a Hugging Face model
+            return HFTokenizer.load(folder / TOKENIZER_DIR)
         if folder.is_file():
             candidates = [folder]
         else:

@@ -428,3 +428,24 @@ def test_a_failed_checkpoint_write_is_one_line_and_names_the_last_good_one(pipel
     assert "Traceback" not in proc.stderr
     assert not (out / "deepspeed" / "latest").exists() and not (out / "step-000002").exists()
 
+
+
+def test_pipeline_passes_sigterm_on_and_a_rerun_continues(pipeline_run, tmp_path):
+    """SIGTERM to the pipeline process alone (a scheduler, `kill`): the running stage saves, the
+    pipeline exits 0 saying how to continue, and the same command picks the stage up again."""
+    shutil.copytree(pipeline_run / "tokenizer", tmp_path / "runs" / "p" / "tokenizer")
+    cmd = [sys.executable, "-m", "palmrl", "pipeline", "run_name=p", "stages=[tokenizer,pretrain]",
+           "pretrain.train.max_steps=60", "pretrain.train.log_every=1", "pretrain.train.save_every=0",
+           "pretrain.train.eval_every=0", "pretrain.train.eval_batches=2"]
+    proc = start(cmd, tmp_path)
+    wait_for_step(proc, tmp_path / "runs" / "p" / "pretrain", 3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by SIGTERM during pretrain" in stderr and "run_name=p" in stderr
+    stopped_at = int((tmp_path / "runs" / "p" / "pretrain" / "deepspeed" / "latest").read_text().split("-")[1])
+    assert 3 <= stopped_at < 60
+
+    rerun = finish(cmd, tmp_path)
+    assert "continuing" in rerun.stderr + rerun.stdout
+    assert json.loads((tmp_path / "runs" / "p" / "pretrain" / "final" / "manifest.json").read_text())["step"] == 60

@@ -31,7 +31,10 @@ def role_id(tokenizer, role: str) -> int:
 
 
 def template_ids(tokenizer) -> frozenset[int]:
-    """Ids that only the template may place: bos, pad and the role markers (eos ends a response)."""
+    """Ids that only the template may place: bos, pad and the role markers (eos ends a response).
+    (A Hugging Face tokenizer: every special token of its own.)"""
+    if getattr(tokenizer, "kind", None) == "hf":
+        return tokenizer.stop_ids
     return frozenset([tokenizer.bos_id, tokenizer.pad_id, *(role_id(tokenizer, r) for r in ROLES)])
 
 
@@ -47,7 +50,11 @@ def _check_message(message, index: int) -> tuple[str, str]:
 
 
 def render_chat(tokenizer, messages: Sequence[Mapping[str, str]]) -> Rendered:
-    """Render a (multi-turn) conversation; the loss mask marks every assistant reply and its eos."""
+    """Render a (multi-turn) conversation; the loss mask marks every assistant reply and its eos.
+    A Hugging Face tokenizer renders with its own chat template (see palmrl.model.hf)."""
+    if getattr(tokenizer, "kind", None) == "hf":
+        checked = [dict(zip(("role", "content"), _check_message(m, i))) for i, m in enumerate(messages)]
+        return Rendered(*tokenizer.render_chat(checked))
     tokens, loss_mask = [tokenizer.bos_id], [False]
     for index, message in enumerate(messages):
         role, content = _check_message(message, index)
@@ -66,6 +73,9 @@ def render_chat(tokenizer, messages: Sequence[Mapping[str, str]]) -> Rendered:
 
 def render_prompt(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """The conversation so far plus `<|assistant|>`: what generation and PPO rollouts start from."""
+    if getattr(tokenizer, "kind", None) == "hf":
+        return tokenizer.render_prompt([dict(zip(("role", "content"), _check_message(m, i)))
+                                        for i, m in enumerate(messages)])
     return render_chat(tokenizer, messages).tokens + [role_id(tokenizer, "assistant")]
 
 

@@ -64,15 +64,13 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Linear):
-    """A bias-free Linear whose base `weight` is shared by low-rank adapters in named scopes."""
+    """A Linear whose base `weight` (and bias, if any) is shared by low-rank adapters in named scopes."""
 
     def __init__(self, base: nn.Linear):
         nn.Module.__init__(self)
-        if base.bias is not None:
-            raise ValueError("LoRALinear wraps bias-free Linear layers only")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # the same Parameter: optimizer and state-dict names are unchanged
-        self.register_parameter("bias", None)
+        self.bias = base.bias  # PaLM has none; GPT-2-style HF models do
         self.lora_A = nn.ParameterDict()  # scope -> (r, in)
         self.lora_B = nn.ParameterDict()  # scope -> (out, r)
         self.lora_scaling: dict[str, float] = {}  # scope -> alpha / r
@@ -93,7 +91,7 @@ class LoRALinear(nn.Linear):
         return self.lora_B[scope] @ self.lora_A[scope] * self.lora_scaling[scope]
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight)
+        out = F.linear(x, self.weight, self.bias)
         scope = self.active_scope
         if scope is None or scope not in self.lora_A:
             return out

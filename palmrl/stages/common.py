@@ -50,16 +50,40 @@ def tokenizer_for_training(cfg: DictConfig, is_main: bool):
     return Tokenizer.load(path)
 
 
+def config_from_dict(d: Mapping):
+    """model.yaml → ModelConfig (PaLM) or HFConfig (a Hugging Face model, `family: hf`)."""
+    if d.get("family") == "hf":
+        from palmrl.model.hf import HFConfig
+
+        return HFConfig.from_dict(d)
+    return ModelConfig.from_dict(d)
+
+
+def build_model(config):
+    """An untrained model of the family `config` describes."""
+    if getattr(config, "family", None) == "hf":
+        from palmrl.model.hf import HFCausalLM
+
+        return HFCausalLM.from_config(config, trust_remote_code=bool(config.source.get("trust_remote_code")))
+    return PaLM(config)
+
+
 def check_vocab(tokenizer, model_config: ModelConfig, *, where: str) -> None:
+    if getattr(model_config, "family", None) == "hf":
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise UserError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                            f"{model_config.vocab_size}: tokenizer and model do not match")
+        return
     if tokenizer.vocab_size != model_config.vocab_size:
         raise UserError(f"model.vocab_size ({model_config.vocab_size}) does not match the tokenizer at {where} "
                         f"({tokenizer.vocab_size} ids): set model.vocab_size={tokenizer.vocab_size} "
                         f"or use a matching tokenizer")
 
 
-def load_palm_weights(model: PaLM, weights: Mapping[str, torch.Tensor], *, where: str) -> None:
-    """Load PaLM weights (head and adapter tensors in the same file are ignored here)."""
-    trunk = {k: v for k, v in weights.items() if "_head." not in k and "lora_" not in k}
+def load_palm_weights(model, weights: Mapping[str, torch.Tensor], *, where: str) -> None:
+    """Load trunk weights (PaLM or HF; head and adapter tensors in the same file are ignored here)."""
+    trunk = {k: v for k, v in weights.items()
+             if k.split(".")[0] not in ("reward_head", "value_head") and "lora_" not in k}
     expected = dict(model.named_parameters())
     unknown = sorted(set(trunk) - set(model.state_dict()))
     missing = sorted(set(expected) - set(trunk))
@@ -88,24 +112,49 @@ def attach_adapters(model: PaLM, ckpt: checkpoint.Checkpoint) -> list[str]:
     return list(scopes)
 
 
-def model_from_checkpoint(ckpt: checkpoint.Checkpoint, *, adapters: bool = True) -> PaLM:
-    """The PaLM a checkpoint describes, with its LoRA adapters attached (active scope as saved)."""
-    config = ModelConfig.from_dict(ckpt.model_config)
-    model = PaLM(config)
+def model_from_checkpoint(ckpt: checkpoint.Checkpoint, *, adapters: bool = True):
+    """The model (PaLM or HF) a checkpoint describes, with its LoRA adapters attached (active scope as saved)."""
+    config = config_from_dict(ckpt.model_config)
+    model = build_model(config)
     load_palm_weights(model, ckpt.weights(), where=str(ckpt.path))
     if adapters:
         attach_adapters(model, ckpt)
     return model
 
 
-def policy_from_checkpoint(ckpt: checkpoint.Checkpoint) -> tuple[PaLM, ModelConfig]:
-    """The checkpoint's policy as one plain PaLM: any LoRA scopes it carries merged into the base."""
+def policy_from_checkpoint(ckpt: checkpoint.Checkpoint):
+    """The checkpoint's policy as one plain model: any LoRA scopes it carries merged into the base."""
     from palmrl.model.lora import merge_lora
 
     model = model_from_checkpoint(ckpt)
     for scope in (ckpt.manifest.get("lora") or {}).get("scopes", {}):
         merge_lora(model, scope)
-    return model, ModelConfig.from_dict(ckpt.model_config)
+    return model, config_from_dict(ckpt.model_config)
+
+
+def policy_source(cfg: DictConfig, key: str, stages: list[str]):
+    """What sft/reward start from: `model=hf model.path=...` (a Hugging Face model: no parent
+    checkpoint) or the palmrl checkpoint at cfg.<key>. Returns (model, config, tokenizer, parent, facts)."""
+    model_cfg = cfg.get("model")
+    if model_cfg is not None and model_cfg.get("family") != "hf":
+        raise UserError(f"model: {cfg.stage} takes its architecture from {key}; model= only selects model=hf "
+                        f"(a Hugging Face model as the starting point)")
+    if model_cfg is not None:
+        from palmrl.model.hf import load_source
+
+        model, tokenizer = load_source(model_cfg)
+        return model, model.config, tokenizer, None, {"hf_source": model.config.source}
+    parent = checkpoint.load(cfg[key], key=key, stages=stages)
+    tokenizer = parent.tokenizer()
+    model, config = policy_from_checkpoint(parent)
+    return model, config, tokenizer, parent, {}
+
+
+def default_lora_targets(model) -> tuple[str, ...]:
+    """lora.targets=null: the model family's projections (PaLM's three, an HF model's every Linear)."""
+    from palmrl.model.lora import LoRAConfig
+
+    return tuple(getattr(model, "lora_targets", LoRAConfig.targets))
 
 
 def apply_lora(model: PaLM, lora_cfg, scope: str) -> dict:
@@ -120,9 +169,10 @@ def apply_lora(model: PaLM, lora_cfg, scope: str) -> dict:
         raise UserError(f"lora.rank must be >= 0, got {rank}")
     if rank == 0:
         return {}
-    spec = {"rank": rank, "alpha": float(lora_cfg.alpha), "targets": list(lora_cfg.targets)}
+    targets = tuple(lora_cfg.targets) if lora_cfg.get("targets") else default_lora_targets(model)
+    spec = {"rank": rank, "alpha": float(lora_cfg.alpha), "targets": list(targets)}
     add_lora(model, scope, LoRAConfig(rank=rank, alpha=float(lora_cfg.alpha), dropout=float(lora_cfg.dropout),
-                                      targets=tuple(lora_cfg.targets)))
+                                      targets=targets))
     set_lora_scope(model, scope)
     freeze_except_lora(model, scope)
     return {"scopes": {scope: spec}, "active": scope}

@@ -150,7 +150,8 @@ def run(cfg: DictConfig) -> Path:
     lora_spec = apply_lora(palm, cfg.lora, ACTOR)
     critic_trunk, reference = None, None
     if use_lora:
-        critic_lora = LoRAConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha), targets=tuple(cfg.lora.targets))
+        critic_lora = LoRAConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
+                                 targets=tuple(lora_spec["scopes"][ACTOR]["targets"]))
         add_lora(palm, CRITIC, critic_lora)
         freeze_except_lora(palm)  # both actor and critic adapters train
         lora_spec["scopes"][CRITIC] = lora_spec["scopes"][ACTOR]

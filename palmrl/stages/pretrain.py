@@ -41,6 +41,9 @@ def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
 def run(cfg: DictConfig) -> Path:
     dist = init_distributed()
     seed_everything(int(cfg.seed))
+    if cfg.model.get("family") == "hf":
+        raise UserError("model=hf: pretrain builds a PaLM; start from a Hugging Face model with "
+                        "`palmrl sft model=hf model.path=...`")
     if cfg.data.get("kind") != "text":
         raise UserError(f"data: pretrain needs a text source (data=embedded|local|hf|pile), got kind={cfg.data.get('kind')}")
 

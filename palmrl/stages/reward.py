@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from palmrl import checkpoint
 from palmrl.data.instructions import SFTBatches
 from palmrl.data.preferences import (collate_pairs, collate_ratings, load_preference_pairs, load_ratings,
                                      policy_task_pairs)
@@ -20,7 +19,7 @@ from palmrl.engine import Trainer
 from palmrl.errors import UserError
 from palmrl.reward import RewardModel, binned_loss, pairwise_loss
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.stages.common import apply_lora, export_split, policy_from_checkpoint
+from palmrl.stages.common import apply_lora, export_split, policy_source
 
 SCOPE = "reward"
 
@@ -52,14 +51,12 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"data: reward.objective={objective} needs {want} data "
                         f"({'data=prefs|my_prefs' if want == 'preferences' else 'data=ratings'}), got kind={cfg.data.get('kind')}")
 
-    parent = checkpoint.load(cfg.init_from, key="init_from", stages=["sft", "pretrain"])
-    tokenizer = parent.tokenizer()
-    palm, model_config = policy_from_checkpoint(parent)
+    palm, model_config, tokenizer, parent, source = policy_source(cfg, "init_from", ["sft", "pretrain"])
     lora = apply_lora(palm, cfg.lora, SCOPE)
     model = RewardModel(palm, objective=objective, num_bins=int(cfg.reward.num_bins))
     max_len = int(cfg.train.max_len)
     if max_len > model_config.max_seq_len:
-        raise UserError(f"train.max_len ({max_len}) exceeds model.max_seq_len ({model_config.max_seq_len}) of {parent.path}")
+        raise UserError(f"train.max_len ({max_len}) exceeds the model's max_seq_len ({model_config.max_seq_len})")
 
     # data
     num_bins = int(cfg.reward.num_bins)
@@ -86,7 +83,7 @@ def run(cfg: DictConfig) -> Path:
                       parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len)
     trainer.export_fn = export_reward
     reward_spec = {"objective": objective, "num_bins": num_bins, "pooling": "last", "margin": float(cfg.reward.margin)}
-    trainer.manifest_extra = {"lora": lora, "reward": reward_spec, "data_stats": stats}
+    trainer.manifest_extra = {"lora": lora, "reward": reward_spec, "data_stats": stats, **source}
     engine, device = trainer.engine, dist.device
 
     def loss_of(batch):

@@ -17,9 +17,8 @@ from omegaconf import DictConfig
 from palmrl import checkpoint
 from palmrl.errors import UserError
 from palmrl.generate import generate
-from palmrl.model.palm import ModelConfig
 from palmrl.runtime import seed_everything
-from palmrl.stages.common import model_from_checkpoint
+from palmrl.stages.common import config_from_dict, model_from_checkpoint
 
 BATCH = 32  # prompts decoded together
 
@@ -111,7 +110,7 @@ def score_records(cfg: DictConfig, policy: checkpoint.Checkpoint, records: list[
     if rm_ckpt.manifest.get("tokenizer_sha256") != policy.manifest.get("tokenizer_sha256"):
         raise UserError(f"reward: {rm_ckpt.path} uses a different tokenizer than {policy.path}")
     rm = reward_model_from_checkpoint(rm_ckpt)
-    max_len = ModelConfig.from_dict(rm_ckpt.model_config).max_seq_len
+    max_len = config_from_dict(rm_ckpt.model_config).max_seq_len
     scores = score_texts(rm, rm_ckpt.tokenizer(), [r["prompt"] for r in records], [r["response"] for r in records],
                          max_len=max_len)
     for rec, value in zip(records, scores.tolist()):

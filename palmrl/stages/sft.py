@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from palmrl import checkpoint, tasks
+from palmrl import tasks
 from palmrl.data.instructions import IGNORE_INDEX, SFTBatches, build_sft_examples, load_instruction_records
 from palmrl.engine import Trainer
 from palmrl.errors import UserError
 from palmrl.evaluate import sampled_reward, task_score
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.stages.common import apply_lora, export_split, policy_from_checkpoint
+from palmrl.stages.common import apply_lora, export_split, policy_source
 
 SCOPE = "sft"
 
@@ -42,12 +42,10 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"data: sft needs instruction data (data=tasks|my_instructions), got kind={cfg.data.get('kind')}")
 
     # the policy to fine-tune: parent weights with any parent adapters merged in
-    parent = checkpoint.load(cfg.init_from, key="init_from", stages=["pretrain", "sft"])
-    tokenizer = parent.tokenizer()
-    model, model_config = policy_from_checkpoint(parent)
+    model, model_config, tokenizer, parent, source = policy_source(cfg, "init_from", ["pretrain", "sft"])
     max_len = int(cfg.train.max_len)
     if max_len > model_config.max_seq_len:
-        raise UserError(f"train.max_len ({max_len}) exceeds model.max_seq_len ({model_config.max_seq_len}) of {parent.path}")
+        raise UserError(f"train.max_len ({max_len}) exceeds the model's max_seq_len ({model_config.max_seq_len})")
     lora = apply_lora(model, cfg.lora, SCOPE)
 
     # data: chat-rendered, loss on assistant tokens
@@ -66,7 +64,7 @@ def run(cfg: DictConfig) -> Path:
     trainer = Trainer(cfg, dist, model, stage="sft", model_config=model_config.to_dict(), tokenizer=tokenizer,
                       parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len)
     trainer.export_fn = export_split
-    trainer.manifest_extra = {"lora": lora, "data_stats": stats}
+    trainer.manifest_extra = {"lora": lora, "data_stats": stats, **source}
     engine, device = trainer.engine, dist.device
 
     def step_fn(step: int) -> dict:

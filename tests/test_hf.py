@@ -1,0 +1,204 @@
+"""model=hf: tiny random Hugging Face models (GPT-2 and Llama configs, built and saved here with
+save_pretrained; no hub access) through sft → reward → ppo → sample → export, with the quality
+gates used for PaLM at toy scale, and the bad-input cases of a wrong model folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import palmrl_cli, run_stage
+from palmrl.errors import UserError
+
+TASKS = "data.tasks=[count_words,first_letter,last_letter,larger,color]"  # learnable from scratch in minutes
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def corpus() -> list[str]:
+    from palmrl import tasks
+
+    examples = tasks.make_examples("train", 4000, seed=0)
+    return [f"{ex.prompt}\n{ex.output}" for ex in examples]
+
+
+def build_tokenizer(folder: Path, *, chat: bool):
+    """A byte-level BPE tokenizer trained on the task texts (GPT-2 style), saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chat else ["<|endoftext|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    extra = {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+             "additional_special_tokens": ["<|im_start|>"]} if chat else \
+        {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **extra)
+    if chat:
+        tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_model(folder: Path, family: str) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder, chat=family == "llama")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                         **ids)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128, **ids)
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def hf_run(request, tmp_path_factory):
+    """A tiny random model of the family, then sft → reward → ppo on the embedded tasks."""
+    root = tmp_path_factory.mktemp(request.param)
+    source = build_model(root / "source", request.param)
+    return request.param, source, root
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "final" / "manifest.json").read_text())
+
+
+def test_sft_reward_ppo_sample_export_on_an_hf_model(hf_run, dist_env):
+    family, source, root = hf_run
+    run_stage("sft", ["model=hf", f"model.path={source}", "lora=none", TASKS, "data.train_size=8000",
+                      "train.max_steps=600", "train.micro_batch_size=32", "train.eval_every=0", "train.eval_examples=64",
+                      "optim.lr=3e-3", "train.log_every=50", "train.save_every=0", f"out_dir={root / 'sft'}"])
+    sft = manifest(root / "sft")
+    assert sft["hf_source"]["path"] == str(source) and sft["hf_source"]["sha256"]
+    assert sft["metrics"]["accuracy"] >= sft["init_accuracy"] + 0.15, (sft["init_accuracy"], sft["metrics"]["accuracy"])
+    assert sft["metrics"]["format_rate"] >= 0.8
+
+    run_stage("reward", [f"init_from={root / 'sft'}", TASKS, "lora=none", "train.max_steps=400", "train.eval_every=0",
+                         "data.train_size=2048", "data.val_size=256", "train.micro_batch_size=32",
+                         "train.save_every=0", "optim.lr=3e-3", f"out_dir={root / 'reward'}"])
+    assert manifest(root / "reward")["metrics"]["accuracy"] >= 0.6  # chance is 0.5
+
+    out = run_stage("ppo", [f"policy={root / 'sft'}", f"reward={root / 'reward'}", "reward_fn=palmrl.tasks.checker",
+                            TASKS, "data.train_size=64", "train.max_steps=16", "train.eval_every=0",
+                            "train.eval_examples=64", "optim.lr=2e-3", "ppo.rollout_batch=64", "ppo.minibatch=16",
+                            "ppo.max_new_tokens=8", "train.save_every=0", f"out_dir={root / 'ppo'}"])
+    ppo = manifest(root / "ppo")
+    assert ppo["metrics"]["train_sampled_reward"] >= ppo["init_train_sampled_reward"] + 0.05, ppo["metrics"]
+    kls = [json.loads(line)["kl"] for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()
+           if '"split": "train"' in line]
+    assert max(kls) < 5.0
+
+    # the learned reward model drives PPO too (a separate frozen RM next to the LoRA actor/critic)
+    rm_run = run_stage("ppo", [f"policy={root / 'sft'}", f"reward={root / 'reward'}", TASKS, "data.train_size=32",
+                               "train.max_steps=2", "train.eval_every=0", "train.eval_examples=8", "ppo.rollout_batch=16",
+                               "ppo.minibatch=8", "ppo.max_new_tokens=8", "train.save_every=0", f"out_dir={root / 'ppo-rm'}"])
+    frozen = json.loads((rm_run / "manifest.json").read_text())["ppo"]["frozen_sha256"]
+    assert frozen["before"] == frozen["after"]
+
+    proc = palmrl_cli("sample", f"ckpt={out}", "prompt=What color is the sky?", "max_new_tokens=8",
+                      "num_samples=2", "format=jsonl", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 2
+
+    exported = root / "export"
+    run_stage("export", [f"ckpt={out}", f"out={exported}"])
+    assert_export_matches(out, exported)
+
+
+def assert_export_matches(ckpt_dir: Path, exported: Path) -> None:
+    """transformers loads the exported folder and gives the palmrl policy's logits exactly."""
+    import transformers
+
+    from palmrl import checkpoint
+    from palmrl.stages.common import policy_from_checkpoint
+
+    policy, _ = policy_from_checkpoint(checkpoint.load(ckpt_dir))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    ids = torch.tensor([tokenizer.encode("What is the capital of France?")])
+    with torch.no_grad():
+        ours, theirs = policy.eval()(ids), reloaded.eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_an_hf_model_trains_adapters_only(hf_run, dist_env):
+    from palmrl import checkpoint
+
+    family, source, root = hf_run
+    out = run_stage("sft", ["model=hf", f"model.path={source}", "lora=r8", TASKS, "data.train_size=256",
+                            "train.max_steps=3", "train.eval_every=0", "train.eval_examples=8", "train.save_every=0",
+                            f"out_dir={root / 'lora'}"])
+    ckpt = checkpoint.load(out)
+    targets = ckpt.manifest["lora"]["scopes"]["sft"]["targets"]
+    assert targets == (["c_attn", "c_fc", "c_proj"] if family == "gpt2" else
+                       ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    adapters = ckpt.adapters()
+    assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)
+
+
+def test_hf_bad_input(tmp_path, dist_env):
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        run_stage("sft", ["model=hf", f"model.path={not_a_model}", f"out_dir={tmp_path / 'a'}"])
+
+    import transformers
+
+    encoder = tmp_path / "vit"  # an image encoder: AutoModelForCausalLM has no class for it
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=32, image_size=32, patch_size=16)).save_pretrained(encoder)
+    with pytest.raises(UserError, match="not a causal LM"):
+        run_stage("sft", ["model=hf", f"model.path={encoder}", f"out_dir={tmp_path / 'b'}"])
+
+    mismatch = build_model(tmp_path / "mismatch", "gpt2")
+    small = tmp_path / "small"
+    shutil.copytree(mismatch, small)
+    cfg = json.loads((small / "config.json").read_text())
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**cfg, "vocab_size": 100})).save_pretrained(small)
+    with pytest.raises(UserError, match="tokenizer and model do not match"):
+        run_stage("sft", ["model=hf", f"model.path={small}", f"out_dir={tmp_path / 'c'}"])
+
+    with pytest.raises(UserError, match="model.path"):
+        run_stage("sft", ["model=hf", f"out_dir={tmp_path / 'd'}"])
+
+
+def test_two_ranks_zero3_and_resume_on_an_hf_model(hf_run, tmp_path):
+    """torchrun, ZeRO-3 (parameters partitioned across ranks), stop after 2 steps, resume=auto to 4;
+    the consolidated checkpoint loads in one process and exports."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CONFIG_DIR
+
+    family, source, root = hf_run
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PALMRL_CONFIG_DIR=str(CONFIG_DIR))
+    out = tmp_path / "z3"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "palmrl", "sft",
+           "model=hf", f"model.path={source}", "zero=stage3", TASKS, "data.train_size=256", "train.max_steps=4",
+           "train.micro_batch_size=8", "train.eval_every=0", "train.eval_examples=8", "train.save_every=2",
+           f"out_dir={out}"]
+    for extra in (["train.stop_after=2"], ["resume=auto"]):
+        proc = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "final" / "manifest.json").read_text())["step"] == 4
+    run_stage("export", [f"ckpt={out}", f"out={tmp_path / 'export'}"])
+    assert_export_matches(out, tmp_path / "export")
+
