@@ -202,3 +202,23 @@ def test_two_ranks_zero3_and_resume_on_an_hf_model(hf_run, tmp_path):
     run_stage("export", [f"ckpt={out}", f"out={tmp_path / 'export'}"])
     assert_export_matches(out, tmp_path / "export")
 
+
+
+def test_kv_cache_generation_matches_full_forward(hf_run):
+    """Left-padded ragged prompts through the model's own cache give the tokens and logits of
+    recomputing everything at each step."""
+    from palmrl.data.chat import prompt_tokens
+    from palmrl.generate import generate
+    from palmrl.model.hf import load_source
+
+    family, source, root = hf_run
+    model, tokenizer = load_source({"path": str(source)})
+    prompts = [prompt_tokens(tokenizer, p) for p in ("Hi", "What is the colour of grass today?", "Pick one.\n3 or 4")]
+    runs = [generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=None, pad_id=tokenizer.pad_id,
+                     use_cache=cache) for cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    with torch.no_grad():
+        full = model(runs[0].sequences, attention_mask=runs[0].attention_mask)
+        alone = model(torch.tensor([prompts[0]]))
+    # the shortest (most padded) prompt's last-token logits equal those of the prompt run alone
+    torch.testing.assert_close(full[0, runs[0].prompt_length - 1], alone[0, -1], rtol=1e-4, atol=1e-4)
