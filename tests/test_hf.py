@@ -222,3 +222,21 @@ def test_kv_cache_generation_matches_full_forward(hf_run):
         alone = model(torch.tensor([prompts[0]]))
     # the shortest (most padded) prompt's last-token logits equal those of the prompt run alone
     torch.testing.assert_close(full[0, runs[0].prompt_length - 1], alone[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_remote_code_is_never_run_without_consent(tmp_path, dist_env):
+    """A model folder that ships its own Python (auto_map) is refused unless trust_remote_code=true,
+    and its code does not run."""
+    folder, marker = tmp_path / "custom", tmp_path / "ran"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "palmrl_custom", "architectures": ["CustomLM"],
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                     "AutoModelForCausalLM": "modeling_custom.CustomLM"}}))
+    payload = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (folder / "configuration_custom.py").write_text(payload + "from transformers import PretrainedConfig\n"
+                                                    "class CustomConfig(PretrainedConfig):\n    model_type = 'palmrl_custom'\n")
+    (folder / "modeling_custom.py").write_text(payload)
+    with pytest.raises(UserError, match="trust_remote_code=true"):
+        run_stage("sft", ["model=hf", f"model.path={folder}", f"out_dir={tmp_path / 'out'}"])
+    assert not marker.exists()

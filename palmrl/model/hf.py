@@ -323,13 +323,20 @@ def load_source(model_cfg: Mapping) -> tuple[HFCausalLM, HFTokenizer]:
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"model.path: {local} is not a Hugging Face model folder (no config.json)")
     where = str(local) if local.exists() else path
+    remote_code = "needs its own code to load; palmrl runs it only with model.trust_remote_code=true"
+    if local.is_dir():
+        try:
+            declared = json.loads((local / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"model.path: {local / 'config.json'} is not valid JSON ({err})") from None
+        if not trust and isinstance(declared, dict) and "auto_map" in declared:
+            raise UserError(f"model.path: {where} {remote_code}")
     try:
         hf_config = tf.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust)
     except ValueError as err:
         message = str(err).splitlines()[0]
-        if "trust_remote_code" in message:
-            raise UserError(f"model.path: {where} needs its own code to load; palmrl runs it only with "
-                            f"model.trust_remote_code=true") from None
+        if "trust_remote_code" in message or "custom code" in message:
+            raise UserError(f"model.path: {where} {remote_code}") from None
         raise UserError(f"model.path: {where}: {message[:200]}") from None
     except OSError as err:
         raise UserError(f"model.path: {where} is neither a local HF model folder nor a reachable hub model "
