@@ -297,10 +297,7 @@ def _larger_task() -> Task:
         return str(max(numbers)) if numbers else None
 
     def corrupt(ex: TaskExample, rng: random.Random) -> str:
-        # the smaller input, or a number bigger than both that is not an option: a reward model
-        # trained only on the first learns "bigger is better", which a policy can exploit
-        numbers = _parse_numbers(ex.input, "or")
-        return str(min(numbers)) if rng.random() < 0.5 else str(max(numbers) + rng.randint(1, 20))
+        return str(min(_parse_numbers(ex.input, "or")))
 
     gen, solve = _fixed(("Which number is larger?", "Pick the bigger number."), make_input, answer)
     return Task("larger", gen, solve, corrupt)
