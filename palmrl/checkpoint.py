@@ -172,6 +172,7 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
         **dict(extra or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    readable_by_umask(tmp)
 
     # swap in: an existing folder of the same name (a re-saved final/) is replaced only now
     if folder.exists():
@@ -182,6 +183,16 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
     else:
         tmp.rename(folder)
     return folder
+
+
+def readable_by_umask(folder: Path) -> None:
+    """safetensors writes its files 0600; give every file the mode the user's umask asks for, like
+    the JSON/YAML files beside it (a shared machine's readers need the weights too)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def prune_steps(stage_dir: Path, keep_last: int) -> None:

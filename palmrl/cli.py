@@ -81,12 +81,17 @@ def _fail(message: str, code: int = 2) -> None:
 def _hydra_error_line(err: BaseException) -> str:
     """Hydra's composition errors are multi-line and sometimes empty with the reason in their cause;
     keep the first line that says something."""
-    seen: BaseException | None = err
+    chain, seen = [], err
     while seen is not None:
-        lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
-        if lines:
-            return lines[0]
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    for exc in chain:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if lines:
+            line = lines[0]
+            if line.startswith("Could not override") and any("is not in struct" in str(e) for e in chain):
+                line += " No such key in this stage's config (check the spelling; `palmrl <stage> --cfg job` lists the keys)."
+            return line
     return type(err).__name__
 
 
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (CONFIG_DIR / f"{stage}.yaml").is_file():
         _fail(f"no config for stage '{stage}' in {CONFIG_DIR} (set PALMRL_CONFIG_DIR)")
 
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        # DeepSpeed's JIT-built ops go into the environment (as `make` arranges), built once per venv
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     import torch
 
     if not torch.cuda.is_available():

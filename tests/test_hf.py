@@ -5,6 +5,7 @@ gates used for PaLM at toy scale, and the bad-input cases of a wrong model folde
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -140,6 +141,17 @@ def assert_export_matches(ckpt_dir: Path, exported: Path) -> None:
     with torch.no_grad():
         ours, theirs = policy.eval()(ids), reloaded.eval()(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    # the exported chat template renders prompts exactly as the policy was trained on them
+    from palmrl.data.chat import render_prompt
+
+    ckpt_tokenizer = checkpoint.load(ckpt_dir).tokenizer()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}]
+    ours_text = ckpt_tokenizer.decode(render_prompt(ckpt_tokenizer, messages), skip_special=False)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours_text
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (exported / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_lora_on_an_hf_model_trains_adapters_only(hf_run, dist_env):

@@ -39,6 +39,11 @@ from palmrl.errors import UserError
 FAMILY = "hf"
 TOKENIZER_DIR = "hf_tokenizer"   # inside a palmrl checkpoint folder
 HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+# the same format as a Jinja chat template, written into exported folders of template-less models
+HEADERS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}### Assistant:\n{{ m['content'] }}{{ eos_token }}"
+    "{% else %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}")
 
 
 def _transformers():
@@ -322,6 +327,8 @@ def load_source(model_cfg: Mapping) -> tuple[HFCausalLM, HFTokenizer]:
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"model.path: {local} is not a Hugging Face model folder (no config.json)")
+    if not local.exists() and (path.startswith(("/", ".", "~")) or os.sep in path and path.count("/") > 1):
+        raise UserError(f"model.path: no such folder: {local}")
     where = str(local) if local.exists() else path
     remote_code = "needs its own code to load; palmrl runs it only with model.trust_remote_code=true"
     if local.is_dir():
@@ -390,5 +397,10 @@ def export_hf(model: HFCausalLM, tokenizer: HFTokenizer, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with _quiet():
         fresh.save_pretrained(str(folder), safe_serialization=True)
+    if not tokenizer.has_template:  # the policy was trained on palmrl's header format: say so
+        tokenizer.tk.chat_template = HEADERS_TEMPLATE
     tokenizer.tk.save_pretrained(str(folder))
+    from palmrl.checkpoint import readable_by_umask
+
+    readable_by_umask(folder)
     return folder
