@@ -392,7 +392,15 @@ class Trainer:
                 metrics = dict(step_fn(step))
                 self.tokens_seen += self.tokens_per_step
                 window_tokens += self.tokens_per_step
-                self._check_finite(step, metrics, self.engine.skipped_steps - skipped_before)
+                skipped = self.engine.skipped_steps - skipped_before
+                loss = metrics.get("loss")
+                # one all-reduce per step settles both cross-rank decisions: non-finite step, stop signal
+                nonfinite, stopping = _any_rank(skipped > 0 or (loss is not None and not math.isfinite(float(loss))),
+                                                self._signal is not None)
+                if nonfinite:
+                    self._nonfinite_step(step, metrics, skipped)
+                else:
+                    self._nonfinite_streak = 0
                 if step % int(train.log_every) == 0 or step == self.max_steps or metrics.get("nonfinite"):
                     elapsed = time.perf_counter() - window_t
                     metrics.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else float(self.cfg.optim.lr),
@@ -404,7 +412,7 @@ class Trainer:
                 if eval_fn is not None and int(train.eval_every) > 0 and step % int(train.eval_every) == 0 \
                         and step != self.max_steps:
                     eval_metrics = self.evaluate(eval_fn)
-                signal_name = self._agreed_signal()
+                signal_name = (self._signal or "SIGTERM") if stopping else None  # SIGTERM: another rank's
                 stop_here = train.get("stop_after") is not None and step == int(train.stop_after) and step != self.max_steps
                 periodic = int(train.save_every) > 0 and step % int(train.save_every) == 0 and step != self.max_steps
                 if (periodic or stop_here or signal_name) and step != self.max_steps:
@@ -427,16 +435,12 @@ class Trainer:
                              "tokens seen": self.tokens_seen, **self.final_metrics})
         return final
 
-    def _check_finite(self, step: int, metrics: dict, skipped_updates: int) -> None:
+    def _nonfinite_step(self, step: int, metrics: dict, skipped_updates: int) -> None:
         """NaN/Inf in the loss (any rank) or the gradients (the optimizer skipped its update): count the
         step and go on (train.on_nonfinite=skip), or stop with the last good checkpoint kept (stop, or
         after train.max_nonfinite_streak such steps in a row)."""
         loss = metrics.get("loss")
         bad_loss = loss is not None and not math.isfinite(float(loss))
-        bad = _any_rank(bad_loss or skipped_updates > 0)
-        if not bad:
-            self._nonfinite_streak = 0
-            return
         self.nonfinite_steps += 1
         self._nonfinite_streak += 1
         what = f"loss became {loss}" if bad_loss else "gradients were NaN/Inf"
@@ -478,12 +482,6 @@ class Trainer:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def _agreed_signal(self) -> str | None:
-        """Every rank stops at the same step: the signal one rank got counts for all."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self._signal
-        return ("SIGTERM" if self._signal is None else self._signal) if _any_rank(self._signal is not None) else None
-
     def last_good(self) -> str:
         latest = self.out_dir / DS_DIR / "latest"
         if latest.is_file():
@@ -504,14 +502,14 @@ class Trainer:
         self.engine.step()
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any rank."""
+def _any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag: True on every rank when it is true on any rank (one all-reduce for all)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return bool(flag)
+        return tuple(bool(f) for f in flags)
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return tuple(bool(v > 0) for v in value.tolist())
 
 
 def _write_atomic(path: Path, text: str) -> None:
