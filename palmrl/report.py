@@ -161,7 +161,13 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        score_std=_number(val.get("score_std")))
         elif name == "ppo":
             train = [m for m in stage.metrics if m.get("split") == "train"]
-            pick = lambda m: {k: _number(m.get(k)) for k in PPO_TRAIN_KEYS if k in m}  # noqa: E731
+            # each rollout batch has other prompts, whose reward-model level varies a lot: compare
+            # the means of the first and last few iterations, not two single batches
+            window = max(1, min(5, len(train) // 3))
+
+            def pick(rows: list[dict]) -> dict:
+                values = {k: [_number(m.get(k)) for m in rows if k in m] for k in PPO_TRAIN_KEYS}
+                return {k: sum(v) / len(v) for k, v in values.items() if v and None not in v}
             row.update(iterations=len(train), accuracy=_number(val.get("accuracy")),
                        init_accuracy=_number(extra.get("init_accuracy")), format_rate=_number(val.get("format_rate")),
                        response_tokens=_number(val.get("response_tokens")),
@@ -169,7 +175,7 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        init_train_sampled_reward=_number(extra.get("init_train_sampled_reward")),
                        sampled_reward=_number(val.get("sampled_reward")),
                        init_sampled_reward=_number(extra.get("init_sampled_reward")),
-                       train_first=pick(train[0]) if train else {}, train_last=pick(train[-1]) if train else {})
+                       train_window=window, train_first=pick(train[:window]), train_last=pick(train[-window:]) if train else {})
         out[name] = row
     return out
 
@@ -216,17 +222,18 @@ def key_rows(summary: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             rows.append(("reward", "rating MAE", _f(s["rating_mae"]), "held-out"))
     s = summary.get("ppo")
     if s:
-        first, last = s["train_first"], s["train_last"]
+        first, last, w = s["train_first"], s["train_last"], s.get("train_window", 1)
+        span = "iteration" if w == 1 else f"{w} iterations"
         # the policy's expected true reward (fresh samples, fixed prompts): the number that says whether RL helped
         for key, label, where in (("train_sampled_reward", "true reward, sampled (training prompts)", "before PPO"),
                                   ("sampled_reward", "true reward, sampled (held-out)", "before PPO")):
             if s.get(key) is not None:
                 rows.append(("ppo", label, _f(s[key]), f"{where} {_f(s.get('init_' + key))}"))
-        for key, label in (("true_reward", "true reward (checker, one rollout batch)"), ("reward", "RM reward (rollouts)"),
+        for key, label in (("true_reward", "true reward (checker, rollouts)"), ("reward", "RM reward (rollouts)"),
                            ("kl", "KL to SFT (nats/seq)"), ("entropy", "entropy"),
                            ("response_tokens", "response tokens")):
             if key in last:
-                rows.append(("ppo", label, _f(last[key]), f"iteration 1: {_f(first.get(key))}"))
+                rows.append(("ppo", f"{label}, last {span}", _f(last[key]), f"first {span}: {_f(first.get(key))}"))
         rows.append(("ppo", "checker accuracy (held-out)", _f(s["accuracy"]), f"before PPO {_f(s['init_accuracy'])}"))
         rows.append(("ppo", "iterations", _f(s["iterations"]), ""))
     return rows

@@ -297,7 +297,13 @@ def _larger_task() -> Task:
         return str(max(numbers)) if numbers else None
 
     def corrupt(ex: TaskExample, rng: random.Random) -> str:
-        return str(min(_parse_numbers(ex.input, "or")))
+        # the smaller input, or a number that is not an input at all (near the answer or above
+        # both): with only the smaller input as negative a reward model learns "bigger is better"
+        a, b = _parse_numbers(ex.input, "or")
+        high = max(a, b)
+        others = [n for n in (high + 1, high - 1, high + 10, rng.randrange(high, 100), rng.randrange(100))
+                  if 0 <= n < 100 and n not in (a, b)]
+        return str(rng.choice([min(a, b), min(a, b), *others]))
 
     gen, solve = _fixed(("Which number is larger?", "Pick the bigger number."), make_input, answer)
     return Task("larger", gen, solve, corrupt)
@@ -337,8 +343,15 @@ def _repeat_task() -> Task:
 def _table_task(name: str, templates: Sequence[str], table: dict[str, str]) -> Task:
     gen, solve = _templated(templates, table)
     answers = sorted(set(table.values()))
-    wrong_fact = lambda ex, rng: rng.choice([a for a in answers if a != ex.output])  # noqa: E731
-    return Task(name, gen, solve, wrong_fact, case_sensitive=False)
+
+    def corrupt(ex: TaskExample, rng: random.Random) -> str:
+        # a wrong fact, or the right answer misspelt (a letter changed, dropped or added): a reward
+        # model that only saw wrong facts scores "Stockhrong" like "Stockholm"
+        answer = ex.output
+        misspelt = [_change_letter(answer, rng), answer[:-1], answer + rng.choice("aeilnorst")]
+        return rng.choice([rng.choice([a for a in answers if a != answer]), rng.choice(misspelt)])
+
+    return Task(name, gen, solve, corrupt, case_sensitive=False)
 
 
 TASKS: dict[str, Task] = {

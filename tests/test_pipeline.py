@@ -32,21 +32,26 @@ def test_reward_model_accuracy_above_chance(pipeline_run):
     assert acc >= 0.70, acc
 
 
-def test_ppo_moves_the_policy_within_the_kl_bound(pipeline_run):
-    """RM-driven PPO in the demo: the actor moves, KL stays bounded, the policy stays well-formed.
+def test_ppo_raises_true_reward_within_the_kl_bound(pipeline_run):
+    """The RLHF gate: PPO against the *learned* reward model raises the policy's true reward (the task
+    checker, which PPO never sees) on its prompts, with the KL to the SFT policy bounded.
 
-    (Whether it raises the *true* reward depends on the reward model's accuracy; at this scale it
-    does not reliably — see README. The true-reward gain of the PPO code path itself is asserted
-    with the verifiable reward in test_stages.py.)
+    Measured on fresh samples (8 per prompt) of PPO's own 200 first training prompts, before and
+    after. On held-out prompts RL does not move the true reward at this scale, even with the checker
+    itself as the reward (README, "What PPO does at this scale"), so there it only must not collapse.
     """
     ppo = manifest(pipeline_run, "ppo")
     sft_acc = manifest(pipeline_run, "sft")["metrics"]["accuracy"]
     assert ppo["init_accuracy"] == pytest.approx(sft_acc, abs=0.02)  # same held-out measure, same policy
+    before, after = ppo["init_train_sampled_reward"], ppo["metrics"]["train_sampled_reward"]
+    assert after >= before + 0.015, (before, after)
     rows = [json.loads(l) for l in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in rows if r["split"] == "train"]
-    assert max(kls) < ppo["config"]["ppo"]["max_kl"] and max(kls) > 0.0
+    assert 0.0 < max(kls) < 1.0, kls  # nats per sequence; best-of-4 sits at log 4 - 3/4 = 0.64
+    assert ppo["config"]["ppo"]["advantage"] == "rloo" and not any("value_loss" in r for r in rows)  # no critic
     assert ppo["metrics"]["format_rate"] >= 0.9
-    assert ppo["metrics"]["accuracy"] >= ppo["init_accuracy"] - 0.15
+    assert ppo["metrics"]["sampled_reward"] >= ppo["init_sampled_reward"] - 0.05
+    assert ppo["metrics"]["accuracy"] >= ppo["init_accuracy"] - 0.08
 
 
 def test_best_of_n_not_worse_than_single_sample(pipeline_run):

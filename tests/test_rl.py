@@ -13,6 +13,7 @@ from palmrl.rl import (
     explained_variance,
     gae,
     kl_penalty,
+    leave_one_out,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -251,6 +252,19 @@ def test_gae_lam_one_gamma_one_is_reward_to_go_minus_value():
               gamma=1.0, lam=1.0)
     assert_close(out.advantages, [[5.0, 4.0, 2.0]])
     assert_close(out.returns, [[6.0, 5.0, 3.0]])
+
+
+
+def test_leave_one_out_baseline_by_hand():
+    # two prompts, three samples each: each score minus the mean of the other two
+    scores = torch.tensor([1.0, 0.0, 0.0, 5.0, 7.0, 9.0])
+    assert_close(leave_one_out(scores, 3), [1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
+    # a constant offset per prompt (a reward model that scores one prompt high) cancels
+    assert_close(leave_one_out(scores + torch.tensor([10.0] * 3 + [-4.0] * 3), 3), leave_one_out(scores, 3))
+    with pytest.raises(ValueError):
+        leave_one_out(scores, 4)
+    with pytest.raises(ValueError):
+        leave_one_out(scores, 1)
 
 
 # --- PPO losses ------------------------------------------------------------------------------

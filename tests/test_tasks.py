@@ -106,3 +106,18 @@ def test_bad_arguments():
         tasks.make_examples("train", 5, tasks=["juggle"])
     with pytest.raises(UserError, match="split"):
         tasks.make_examples("holdout", 5)
+
+
+def test_hard_negatives_cover_what_a_reward_model_would_otherwise_exploit():
+    """A reward model learns whatever separates chosen from rejected. If `larger`'s only negative were
+    the smaller input, "the biggest number wins" would fit, and PPO would answer 99 (measured); if
+    Q&A negatives were only other facts, a misspelt right answer would score like the answer."""
+    rng = random.Random(0)
+    larger = [(ex, tasks.wrong_response(ex, rng)) for ex in tasks.make_examples("train", 300, tasks=["larger"])]
+    not_an_input = [w for ex, w in larger if w not in ex.input.split(" or ")]
+    above_answer = [w for ex, w in larger if int(w) > int(ex.output)]
+    assert len(not_an_input) > 60 and len(above_answer) > 30, (len(not_an_input), len(above_answer))
+    for name, table in (("capital", tasks.CAPITALS), ("color", tasks.COLORS), ("opposite", tasks.OPPOSITES)):
+        pairs = [(ex, tasks.wrong_response(ex, rng)) for ex in tasks.make_examples("train", 200, tasks=[name])]
+        misspelt = [w for ex, w in pairs if w not in table.values()]
+        assert len(misspelt) > 40, (name, len(misspelt))

@@ -20,7 +20,7 @@ A PPO step, as InstructGPT / Huang et al. 2024 (https://arxiv.org/abs/2403.17031
             entropy bonus: masked_mean(entropy_from_logits(logits), mask)
 """
 
-from palmrl.rl.advantages import Advantages, RewardShaping, gae, last_true_index, shaped_rewards
+from palmrl.rl.advantages import Advantages, RewardShaping, gae, last_true_index, leave_one_out, shaped_rewards
 from palmrl.rl.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from palmrl.rl.logprobs import entropy_from_logits, token_logprobs
 from palmrl.rl.losses import (
@@ -45,6 +45,7 @@ __all__ = [
     "entropy_from_logits",
     "explained_variance",
     "gae",
+    "leave_one_out",
     "kl_penalty",
     "last_true_index",
     "masked_mean",

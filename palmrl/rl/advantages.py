@@ -118,3 +118,17 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
     returns = torch.where(mask, advantages + values, 0.0)
     return Advantages(advantages=advantages, returns=returns)
 
+
+
+def leave_one_out(scores: Tensor, group: int) -> Tensor:
+    """RLOO baseline (Kool et al. 2019; Ahmadian et al. 2024): each score minus the mean of the
+    other `group - 1` samples of the same prompt.
+
+    scores (B,) with each prompt's samples adjacent (B a multiple of `group`). The baseline never
+    sees the sample it judges, so the estimate stays unbiased; the prompt's own level (a reward
+    model scoring one prompt's answers all high) cancels, which a learned critic only approximates.
+    """
+    if group < 2 or scores.shape[0] % group:
+        raise ValueError(f"leave_one_out needs groups of at least 2 that divide the batch, got {group} for {scores.shape[0]}")
+    g = scores.float().view(-1, group)
+    return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).reshape(-1)

@@ -47,23 +47,29 @@ from palmrl.runtime import init_distributed, seed_everything
 from palmrl.stages.common import apply_lora, export_split, policy_from_checkpoint
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
+TRAIN_PROMPT_SAMPLES = 8  # samples per training prompt for its true reward (1,600 with 200 prompts): the demo's PPO gate reads it
 
 
 class ActorCritic(nn.Module):
-    """The trainable part of PPO, one DeepSpeed engine: actor logits and critic values in one forward."""
+    """The trainable part of PPO, one DeepSpeed engine: actor logits and critic values in one forward.
 
-    def __init__(self, palm: PaLM, *, lora: bool, critic_trunk: PaLM | None = None):
+    With `critic=False` (ppo.advantage=rloo) there is no value head and `values` are zeros.
+    """
+
+    def __init__(self, palm: PaLM, *, lora: bool, critic_trunk: PaLM | None = None, critic: bool = True):
         super().__init__()
         self.palm = palm                    # the actor (scope `actor` over the frozen base with LoRA)
         self.lora = lora
         self.critic_trunk = critic_trunk    # full fine-tuning only: a separate trunk for the critic
-        self.value_head = ScalarHead(palm.config.dim, 1)
+        self.value_head = ScalarHead(palm.config.dim, 1) if critic else None
 
     def actor_logits(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         with lora_scope(self.palm, ACTOR if self.lora else None):
             return self.palm(tokens, attention_mask=attention_mask)  # (B, T, V)
 
     def values(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.value_head is None:
+            return torch.zeros(tokens.shape, device=tokens.device)
         trunk = self.palm if self.lora else self.critic_trunk
         with lora_scope(trunk, CRITIC if self.lora else None):
             hidden = trunk.trunk(tokens, attention_mask=attention_mask)  # (B, T, D)
@@ -125,6 +131,13 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"ppo.variant must be standard or reference, got '{p.variant}'")
     if str(p.critic_init) not in ("reward", "policy"):
         raise UserError(f"ppo.critic_init must be reward or policy, got '{p.critic_init}'")
+    advantage = str(p.advantage)
+    if advantage not in ("gae", "rloo"):
+        raise UserError(f"ppo.advantage must be gae or rloo, got '{advantage}'")
+    rloo = advantage == "rloo"
+    if rloo and (int(p.samples_per_prompt) < 2 or p.variant != "standard"):
+        raise UserError(f"ppo.advantage=rloo needs ppo.samples_per_prompt >= 2 and ppo.variant=standard "
+                        f"(got {p.samples_per_prompt} and {p.variant})")
     rollout_batch, minibatch = int(p.rollout_batch), int(p.minibatch)
     if rollout_batch % minibatch:
         raise UserError(f"ppo.rollout_batch ({rollout_batch}) must be a multiple of ppo.minibatch ({minibatch})")
@@ -150,15 +163,16 @@ def run(cfg: DictConfig) -> Path:
     lora_spec = apply_lora(palm, cfg.lora, ACTOR)
     critic_trunk, reference = None, None
     if use_lora:
-        critic_lora = LoRAConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
-                                 targets=tuple(lora_spec["scopes"][ACTOR]["targets"]))
-        add_lora(palm, CRITIC, critic_lora)
-        freeze_except_lora(palm)  # both actor and critic adapters train
-        lora_spec["scopes"][CRITIC] = lora_spec["scopes"][ACTOR]
+        if not rloo:
+            critic_lora = LoRAConfig(rank=int(cfg.lora.rank), alpha=float(cfg.lora.alpha),
+                                     targets=tuple(lora_spec["scopes"][ACTOR]["targets"]))
+            add_lora(palm, CRITIC, critic_lora)
+            lora_spec["scopes"][CRITIC] = lora_spec["scopes"][ACTOR]
+        freeze_except_lora(palm)  # the actor's (and the critic's) adapters train
     else:
         reference = copy.deepcopy(palm).eval().requires_grad_(False)
-        critic_trunk = copy.deepcopy(palm)
-    module = ActorCritic(palm, lora=use_lora, critic_trunk=critic_trunk)
+        critic_trunk = None if rloo else copy.deepcopy(palm)
+    module = ActorCritic(palm, lora=use_lora, critic_trunk=critic_trunk, critic=not rloo)
 
     if reward_ckpt is not None:
         rm = reward_model_from_checkpoint(reward_ckpt)
@@ -180,7 +194,7 @@ def run(cfg: DictConfig) -> Path:
             reward_model = rm
         # frozen: the head (and, when separate, its trunk); a shared base's actor/critic scopes still train
         (reward_model.reward_head if shared_reward else reward_model).requires_grad_(False)
-        if str(p.critic_init) == "reward" and rm_is_scalar(reward_model):
+        if str(p.critic_init) == "reward" and rm_is_scalar(reward_model) and not rloo:
             with torch.no_grad():
                 module.value_head.load_state_dict(reward_model.reward_head.state_dict())
                 if use_lora and shared_reward:
@@ -189,6 +203,8 @@ def run(cfg: DictConfig) -> Path:
                         own[name.replace(f".{REWARD}", f".{CRITIC}")].copy_(tensor)
     critic_from = "reward model" if (str(p.critic_init) == "reward" and reward_model is not None
                                      and rm_is_scalar(reward_model)) else "policy (fresh value head)"
+    if rloo:
+        critic_from = f"none: leave-one-out baseline over {per_prompt} samples per prompt (ppo.advantage=rloo)"
 
     # ---- data --------------------------------------------------------------------------------
     prompts = load_prompts(cfg.data, "train")
@@ -279,8 +295,13 @@ def run(cfg: DictConfig) -> Path:
         scores = raw_scores.to(device)
         if p.score_clip is not None:
             scores = scores.clamp(-float(p.score_clip), float(p.score_clip))
-        shaped = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_ctl.value, kl_kind=str(p.kl_kind))
-        adv = rl.gae(shaped.rewards, values, mask, gamma=float(p.gamma), lam=float(p.lam))
+        if rloo:  # the baseline is the prompt's other samples; the return is that plus the KL-to-go
+            shaped = rl.shaped_rewards(rl.leave_one_out(scores, per_prompt), logprobs, ref_logprobs, mask,
+                                       kl_coef=kl_ctl.value, kl_kind=str(p.kl_kind))
+            adv = rl.gae(shaped.rewards, torch.zeros_like(values), mask, gamma=1.0, lam=1.0)
+        else:
+            shaped = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_ctl.value, kl_kind=str(p.kl_kind))
+            adv = rl.gae(shaped.rewards, values, mask, gamma=float(p.gamma), lam=float(p.lam))
         advantages = rl.masked_whiten(adv.advantages, mask) if bool(p.whiten_advantages) else adv.advantages
         module.train()
         stats = {
@@ -316,11 +337,13 @@ def run(cfg: DictConfig) -> Path:
                     loss, parts = reference_update(logits, values, data, idx, P, mask)
                 else:
                     pol = rl.ppo_policy_loss(logprobs, data.logprobs[idx], data.advantages[idx], mask, clip_eps=float(p.clip_eps))
-                    val = rl.ppo_value_loss(values, data.values[idx], data.returns[idx], mask, clip_eps=float(p.value_clip))
                     entropy = rl.masked_mean(rl.entropy_from_logits(response_slice(logits, P)), mask)
-                    loss = pol.loss + float(p.vf_coef) * val.loss - float(p.entropy_coef) * entropy
-                    parts = {"policy_loss": pol.loss.item(), "value_loss": val.loss.item(), "clip_frac": pol.clip_frac.item(),
-                             "approx_kl": pol.approx_kl.item(), "explained_variance": val.explained_variance.item()}
+                    loss = pol.loss - float(p.entropy_coef) * entropy
+                    parts = {"policy_loss": pol.loss.item(), "clip_frac": pol.clip_frac.item(), "approx_kl": pol.approx_kl.item()}
+                    if not rloo:
+                        val = rl.ppo_value_loss(values, data.values[idx], data.returns[idx], mask, clip_eps=float(p.value_clip))
+                        loss = loss + float(p.vf_coef) * val.loss
+                        parts.update(value_loss=val.loss.item(), explained_variance=val.explained_variance.item())
                 trainer.backward_step(loss)
                 for k, v in {"loss": loss.item(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / updates_per_iter
@@ -357,16 +380,16 @@ def run(cfg: DictConfig) -> Path:
                 score = task_score(palm, tokenizer, eval_examples, max_new_tokens=max_new)
                 sampled = sampled_reward(palm, tokenizer, eval_examples, max_new_tokens=max_new, seed=int(cfg.seed),
                                          temperature=float(p.temperature))
-                train_sampled = sampled_reward(palm, tokenizer, pool_examples, max_new_tokens=max_new,
-                                               seed=int(cfg.seed), temperature=float(p.temperature))
+                train_sampled = sampled_reward(palm, tokenizer, pool_examples, samples=TRAIN_PROMPT_SAMPLES,
+                                               max_new_tokens=max_new, seed=int(cfg.seed), temperature=float(p.temperature))
             metrics.update(accuracy=score.accuracy, sampled_reward=sampled, train_sampled_reward=train_sampled,
                            format_rate=score.format_rate, response_tokens=score.mean_length)
             trainer.manifest_extra["samples"] = score.samples
         return metrics
 
     start_rows = {"prompts": f"{len(prompts):,}", "reward": cfg.reward_fn or str(reward_ckpt.path),
-                  "shared base (LoRA scopes)": ", ".join(s for s in (ACTOR, CRITIC, REWARD if shared_reward else None) if s)
-                  if use_lora else "no (full fine-tuning: separate reference and critic)",
+                  "shared base (LoRA scopes)": ", ".join(s for s in (ACTOR, None if rloo else CRITIC, REWARD if shared_reward else None) if s)
+                  if use_lora else f"no (full fine-tuning: separate reference{'' if rloo else ' and critic'})",
                   "critic init": critic_from, "updates per iteration": updates_per_iter,
                   "KL control": f"adaptive, target {p.kl_target}" if p.kl_target is not None else f"fixed β={p.kl_coef}"}
     if eval_examples:
@@ -374,8 +397,8 @@ def run(cfg: DictConfig) -> Path:
             before = task_score(palm, tokenizer, eval_examples, max_new_tokens=max_new)
             before_sampled = sampled_reward(palm, tokenizer, eval_examples, max_new_tokens=max_new, seed=int(cfg.seed),
                                             temperature=float(p.temperature))
-            before_train = sampled_reward(palm, tokenizer, pool_examples, max_new_tokens=max_new, seed=int(cfg.seed),
-                                          temperature=float(p.temperature))
+            before_train = sampled_reward(palm, tokenizer, pool_examples, samples=TRAIN_PROMPT_SAMPLES,
+                                          max_new_tokens=max_new, seed=int(cfg.seed), temperature=float(p.temperature))
         trainer.manifest_extra.update(init_accuracy=before.accuracy, init_sampled_reward=before_sampled,
                                       init_train_sampled_reward=before_train)
         start_rows["SFT policy: sampled true reward on the training prompts"] = f"{before_train:.4f}"
