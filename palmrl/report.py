@@ -455,11 +455,13 @@ def plot_ppo(stage: StageRun, path: Path) -> Path:
     for ax, (key, title) in zip(axes, panels):
         _finish(ax, title, "iteration", _line(ax, *series(m, "train", key), key))
     ax = axes[5]
-    init = _number((stage.manifest or {}).get("init_accuracy"))
-    drew = _line(ax, *_with_init(*series(m, "val", "accuracy"), init), "checker accuracy", marker="o")
-    drew |= _line(ax, *series(m, "val", "format_rate"), "format rate", marker="s")
-    ax.set_ylim(-0.05, 1.05)
-    _finish(ax, "held-out greedy (0 = before PPO)", "iteration", drew)
+    manifest = stage.manifest or {}
+    drew = False
+    for key, label, marker in (("train_sampled_reward", "training prompts, sampled", "o"),
+                               ("sampled_reward", "held-out, sampled", "s"), ("accuracy", "held-out, greedy", "^")):
+        init = _number(manifest.get(f"init_{key}"))
+        drew |= _line(ax, *_with_init(*series(m, "val", key), init), label, marker=marker)
+    _finish(ax, "true reward at evaluations (0 = before PPO)", "iteration", drew)
     fig.savefig(path, dpi=100)
     return path
 
