@@ -175,7 +175,7 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        init_train_sampled_reward=_number(extra.get("init_train_sampled_reward")),
                        sampled_reward=_number(val.get("sampled_reward")),
                        init_sampled_reward=_number(extra.get("init_sampled_reward")),
-                       train_window=window, train_first=pick(train[:window]), train_last=pick(train[-window:]) if train else {})
+                       train_window=window, train_first=pick(train[:window]), train_last=pick(train[-window:]))
         out[name] = row
     return out
 

@@ -119,7 +119,6 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: flo
     return Advantages(advantages=advantages, returns=returns)
 
 
-
 def leave_one_out(scores: Tensor, group: int) -> Tensor:
     """RLOO baseline (Kool et al. 2019; Ahmadian et al. 2024): each score minus the mean of the
     other `group - 1` samples of the same prompt.
