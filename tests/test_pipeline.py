@@ -80,3 +80,21 @@ def test_rerun_skips_finished_stages(pipeline_run, pipeline_args, tmp_path):
     proc = palmrl_cli("pipeline", *pipeline_args, "stages=[pretrain,sft]", cwd=pipeline_run.parent.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pretrain: already done" in proc.stderr and "sft: already done" in proc.stderr
+
+
+def test_model_and_zero_choices_reach_the_stages(tmp_path):
+    """`palmrl pipeline model=palm_small zero=stage2 …` (the issue's command): model= and zero= are
+    config groups of the pipeline, passed on to the stages by name; a value inside them is refused."""
+    from conftest import palmrl_cli
+
+    from palmrl.tokenizer import Tokenizer
+
+    proc = palmrl_cli("pipeline", "model=palm_small", "zero=stage2", "run_name=small", "stages=[tokenizer]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model=palm_small" in proc.stderr  # the stage command the pipeline prints
+    assert Tokenizer.load(tmp_path / "runs" / "small" / "tokenizer").vocab_size == 8192  # palm_small's vocabulary
+
+    bad = palmrl_cli("pipeline", "model.dim=128", "run_name=small", cwd=tmp_path)
+    assert bad.returncode == 2 and "pretrain.model.dim=" in bad.stderr, bad.stderr[-2000:]
+    typo = palmrl_cli("pipeline", "model=palm_smal", "run_name=small", cwd=tmp_path)
+    assert typo.returncode == 2 and "palm_smal" in typo.stderr

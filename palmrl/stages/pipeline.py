@@ -54,17 +54,37 @@ def _value(value) -> str:
     return text if re.fullmatch(r"[\w./:@+-]+", text) else "'" + text.replace("'", "\\'") + "'"
 
 
-def stage_args(cfg: DictConfig, stage: str, run_dir: Path) -> list[str]:
+def group_choices() -> dict[str, str]:
+    """The pipeline's model= and zero= choices, which it passes on to the stages by name.
+
+    They are config groups in the pipeline's defaults list (a plain key named like a group cannot be
+    overridden: Hydra reads `model=palm_small` as a group choice), so Hydra also checks the option
+    exists. A value inside a group (`model.dim=128`) would reach no stage, so it is refused with the
+    per-stage spelling that does.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    for item in hydra_cfg.overrides.task:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key.startswith(("model.", "zero.")):
+            also = f" and tokenizer.{key}=…" if key == "model.vocab_size" else ""
+            raise UserError(f"{key}: the pipeline passes only the model= and zero= choices to its stages; set the value "
+                            f"for each stage that uses it, e.g. pretrain.{key}=…{also}")
+    return {group: str(hydra_cfg.runtime.choices[group]) for group in ("model", "zero")}
+
+
+def stage_args(cfg: DictConfig, stage: str, run_dir: Path, choices: dict[str, str]) -> list[str]:
     """The command-line overrides one stage gets: chaining paths, shared choices, then the user's."""
     common = [f"run_name={_value(cfg.run_name)}", f"seed={cfg.seed}", f"precision={cfg.precision}",
               f"cache_dir={_value(Path(str(cfg.cache_dir)).expanduser())}"]
     pretrain = str(cfg.pretrain_ckpt) if cfg.pretrain_ckpt else str(run_dir / "pretrain")
     chain = {
-        "tokenizer": [f"model={cfg.model}"],
-        "pretrain": [f"model={cfg.model}", f"zero={cfg.zero}"],
-        "sft": [f"zero={cfg.zero}", f"init_from={_value(pretrain)}"],
-        "reward": [f"zero={cfg.zero}", f"init_from={_value(run_dir / 'sft')}"],
-        "ppo": [f"zero={cfg.zero}", f"policy={_value(run_dir / 'sft')}", f"reward={_value(run_dir / 'reward')}"],
+        "tokenizer": [f"model={choices['model']}"],
+        "pretrain": [f"model={choices['model']}", f"zero={choices['zero']}"],
+        "sft": [f"zero={choices['zero']}", f"init_from={_value(pretrain)}"],
+        "reward": [f"zero={choices['zero']}", f"init_from={_value(run_dir / 'sft')}"],
+        "ppo": [f"zero={choices['zero']}", f"policy={_value(run_dir / 'sft')}", f"reward={_value(run_dir / 'reward')}"],
         "report": [f"run_dir={_value(run_dir)}"],
     }[stage]
     if stage in ("sft", "reward", "ppo") and cfg.get("tasks") is not None:
@@ -153,6 +173,7 @@ def run(cfg: DictConfig) -> Path:
     if unknown:
         raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STAGES)}")
     stages = [s for s in cfg.stages if not (cfg.pretrain_ckpt and s in ("tokenizer", "pretrain"))]
+    choices = group_choices()
     run_dir = Path("runs") / str(cfg.run_name)
     launcher = shlex.split(str(cfg.launcher)) if cfg.launcher else []
     tracker = Tracker(run_dir, enabled=True, total_steps=len(cfg.stages), stage="pipeline")
@@ -160,7 +181,7 @@ def run(cfg: DictConfig) -> Path:
     t_start = time.perf_counter()
     rerun_upstream = False
     for stage in stages:
-        args = stage_args(cfg, stage, run_dir)
+        args = stage_args(cfg, stage, run_dir, choices)
         action = plan(stage, args, run_dir, upstream_changed=rerun_upstream)
         if action == "skip":
             console.print(f"[bold]pipeline[/] {stage}: already done in {run_dir / stage}, skipped")
