@@ -54,8 +54,9 @@ def run(cfg: DictConfig) -> Path:
     micro, accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accum)
     batches = SFTBatches(train_examples, batch_size=micro, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
                          rank=dist.rank, world_size=dist.world_size)
-    # every rank evaluates the same examples: ZeRO-3 needs all ranks in every forward
-    val = SFTBatches(val_examples or train_examples[:micro], val_examples, batch_size=micro,
+    # every rank evaluates the same examples: ZeRO-3 needs all ranks in every forward (only
+    # eval_batches is used, which takes a last partial batch: a val set smaller than a batch is fine)
+    val = SFTBatches(train_examples[:micro], val_examples, batch_size=micro,
                      pad_id=tokenizer.pad_id, seed=int(cfg.seed))
     on_tasks = str(cfg.data.get("source")) == "tasks"
     task_examples = tasks.make_examples("test", int(cfg.train.eval_examples), seed=int(cfg.seed),
