@@ -12,7 +12,6 @@ folder that looks valid. Loading checks the manifest's sha256 of every weight fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,19 +27,16 @@ from safetensors.torch import load_file, save_file
 
 import palmrl
 from palmrl.errors import UserError
+from palmrl.io import quiet_transformers, readable_by_umask, sha256_file, sha256_files, transformers
+from palmrl.model.lora import LoRAConfig, add_lora, load_lora_state_dict, merge_lora, set_lora_scope
+from palmrl.model.hf import HFCausalLM, HFConfig
+from palmrl.model.registry import build_model, check_vocab, config_from_dict
+from palmrl.tokenizer import HFTokenizer, Tokenizer
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 ADAPTERS = "adapters.safetensors"
 MODEL_YAML = "model.yaml"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def step_name(step: int) -> str:
@@ -77,14 +73,10 @@ class Checkpoint:
         return yaml.safe_load((self.path / MODEL_YAML).read_text())
 
     def tokenizer(self):
-        from palmrl.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(self.path)
         expected = self.manifest.get("tokenizer_sha256")
         if expected and tokenizer.content_hash() != expected:
             raise UserError(f"checkpoint {self.path}: its tokenizer does not match tokenizer_sha256 in {MANIFEST}")
-        from palmrl.stages.common import check_vocab, config_from_dict
-
         check_vocab(tokenizer, config_from_dict(self.model_config), where=f"checkpoint {self.path}")
         return tokenizer
 
@@ -185,16 +177,6 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
     return folder
 
 
-def readable_by_umask(folder: Path) -> None:
-    """safetensors writes its files 0600; give every file the mode the user's umask asks for, like
-    the JSON/YAML files beside it (a shared machine's readers need the weights too)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in Path(folder).rglob("*"):
-        if path.is_file():
-            path.chmod(0o666 & ~mask)
-
-
 def prune_steps(stage_dir: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` step folders (final/ is never touched); 0 keeps all."""
     if keep_last <= 0:
@@ -202,3 +184,117 @@ def prune_steps(stage_dir: Path, keep_last: int) -> None:
     steps = sorted(p for p in Path(stage_dir).glob("step-*") if p.is_dir())
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# models from checkpoints and from Hugging Face sources
+
+
+def load_trunk_weights(model, weights: Mapping[str, torch.Tensor], *, where: str) -> None:
+    """Load trunk weights (PaLM or HF; head and adapter tensors in the same file are ignored here)."""
+    trunk = {k: v for k, v in weights.items()
+             if k.split(".")[0] not in ("reward_head", "value_head") and "lora_" not in k}
+    expected = dict(model.named_parameters())
+    unknown = sorted(set(trunk) - set(model.state_dict()))
+    missing = sorted(set(expected) - set(trunk))
+    if unknown or missing:
+        culprit = f"unexpected tensor '{unknown[0]}'" if unknown else f"missing tensor '{missing[0]}'"
+        raise UserError(f"{where}: weights do not fit the model in its model.yaml ({culprit})")
+    with torch.no_grad():
+        for name, param in expected.items():
+            if param.shape != trunk[name].shape:
+                raise UserError(f"{where}: tensor '{name}' has shape {tuple(trunk[name].shape)}, "
+                                f"the model expects {tuple(param.shape)}")
+            param.copy_(trunk[name])
+
+
+def attach_adapters(model, ckpt: Checkpoint) -> list[str]:
+    """Recreate the LoRA scopes recorded in the manifest and load their tensors; returns the scopes."""
+    lora = ckpt.manifest.get("lora") or {}
+    scopes = lora.get("scopes", {})
+    if not scopes:
+        return []
+    for scope, spec in scopes.items():
+        add_lora(model, scope, LoRAConfig(rank=int(spec["rank"]), alpha=float(spec["alpha"]),
+                                          dropout=0.0, targets=tuple(spec["targets"])))
+    load_lora_state_dict(model, ckpt.adapters())
+    set_lora_scope(model, lora.get("active"))
+    return list(scopes)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, *, adapters: bool = True):
+    """The model (PaLM or HF) a checkpoint describes, with its LoRA adapters attached (active scope as saved)."""
+    config = config_from_dict(ckpt.model_config)
+    model = build_model(config)
+    load_trunk_weights(model, ckpt.weights(), where=str(ckpt.path))
+    if adapters:
+        attach_adapters(model, ckpt)
+    return model
+
+
+def policy_from_checkpoint(ckpt: Checkpoint):
+    """The checkpoint's policy as one plain model: any LoRA scopes it carries merged into the base."""
+    model = model_from_checkpoint(ckpt)
+    for scope in (ckpt.manifest.get("lora") or {}).get("scopes", {}):
+        merge_lora(model, scope)
+    return model, config_from_dict(ckpt.model_config)
+
+
+def _source_weights_sha256(folder: Path) -> str:
+    """One digest over an HF source folder's weight files (recorded in the manifest as hf_source)."""
+    return sha256_files(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")))
+
+
+def load_source(model_cfg: Mapping) -> tuple[HFCausalLM, HFTokenizer]:
+    """`model=hf`: the causal LM and tokenizer at model.path (a local folder, or a hub name when the
+    hub is reachable), in fp32. Remote code runs only with model.trust_remote_code=true."""
+    tf = transformers()
+    path = model_cfg.get("path")
+    if not path:
+        raise UserError("model.path: set it to an HF model folder or hub name (model=hf model.path=gpt2)")
+    path, revision = str(path), model_cfg.get("revision")
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"model.path: {local} is not a Hugging Face model folder (no config.json)")
+    if not local.exists() and (path.startswith(("/", ".", "~")) or os.sep in path and path.count("/") > 1):
+        raise UserError(f"model.path: no such folder: {local}")
+    where = str(local) if local.exists() else path
+    remote_code = "needs its own code to load; palmrl runs it only with model.trust_remote_code=true"
+    if local.is_dir():
+        try:
+            declared = json.loads((local / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"model.path: {local / 'config.json'} is not valid JSON ({err})") from None
+        if not trust and isinstance(declared, dict) and "auto_map" in declared:
+            raise UserError(f"model.path: {where} {remote_code}")
+    try:
+        hf_config = tf.AutoConfig.from_pretrained(where, revision=revision, trust_remote_code=trust)
+    except ValueError as err:
+        message = str(err).splitlines()[0]
+        if "trust_remote_code" in message or "custom code" in message:
+            raise UserError(f"model.path: {where} {remote_code}") from None
+        raise UserError(f"model.path: {where}: {message[:200]}") from None
+    except OSError as err:
+        raise UserError(f"model.path: {where} is neither a local HF model folder nor a reachable hub model "
+                        f"({str(err).splitlines()[0][:160]})") from None
+    causal = getattr(tf, "MODEL_FOR_CAUSAL_LM_MAPPING", {})
+    if type(hf_config) not in causal and not trust:
+        raise UserError(f"model.path: {where} is a {hf_config.model_type!r} model, not a causal LM "
+                        f"(AutoModelForCausalLM cannot load it)")
+    tokenizer = HFTokenizer.load(where, trust_remote_code=trust, revision=revision)
+    with quiet_transformers():
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(where, revision=revision, trust_remote_code=trust,
+                                                            dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise UserError(f"model.path: could not load {where} ({str(err).splitlines()[0][:160]})") from None
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.vocab_size > vocab:
+        raise UserError(f"model.path: the tokenizer of {where} has {tokenizer.vocab_size} ids but the model's "
+                        f"embedding has only {vocab} rows: tokenizer and model do not match")
+    source = {"path": path, "revision": revision or getattr(hf_config, "_commit_hash", None),
+              "sha256": _source_weights_sha256(local) if local.is_dir() else None,
+              "model_type": hf_config.model_type, "trust_remote_code": trust}
+    config = HFConfig(hf_config=model.config.to_dict(), source=source)
+    return HFCausalLM(model, config), tokenizer

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from palmrl.config import CONFIG_DIR
 from palmrl.errors import UserError
 
 # stage name -> (module with run(cfg), one-line description)
@@ -33,9 +34,6 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # stages that take one bare positional argument: `palmrl report runs/x` means run_dir=runs/x
 POSITIONAL = {"report": "run_dir"}
-
-CONFIG_DIR = Path(os.environ.get("PALMRL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-
 
 def usage() -> str:
     width = max(map(len, STAGES))

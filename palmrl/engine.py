@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -31,7 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from palmrl import checkpoint
+from palmrl.config import check_training_config
 from palmrl.errors import Preempted, TrainingDiverged, UserError
+from palmrl.io import write_atomic
 from palmrl.runtime import Dist
 from palmrl.tracking import Tracker
 
@@ -73,30 +76,6 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
     if zero.get("offload_optimizer") and optim.torch_adam:
         config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: no C++ build
     return config
-
-
-def check_training_config(cfg: DictConfig) -> None:
-    """The train/optim/zero keys every training stage shares, checked before anything is built or written."""
-    train, optim = cfg.train, cfg.optim
-    for key in ("micro_batch_size", "grad_accum", "max_steps"):
-        if train.get(key) is not None and int(train[key]) <= 0:
-            raise UserError(f"train.{key} must be positive, got {train[key]}")
-    for key in ("save_every", "eval_every", "keep_last"):
-        if train.get(key) is not None and int(train[key]) < 0:
-            raise UserError(f"train.{key} must be >= 0, got {train[key]}")
-    if float(optim.lr) <= 0:
-        raise UserError(f"optim.lr must be positive, got {optim.lr}")
-    if int(optim.warmup_steps) < 0:
-        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 would need loss scaling; "
-                        f"use bf16 on GPUs)")
-    if cfg.zero.get("stage") not in (0, 1, 2, 3):
-        raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.get('stage')}")
-    if str(train.get("on_nonfinite", "skip")) not in ("skip", "stop"):
-        raise UserError(f"train.on_nonfinite must be skip or stop, got '{train.on_nonfinite}'")
-    if int(train.get("max_nonfinite_streak", 3)) < 1:
-        raise UserError(f"train.max_nonfinite_streak must be >= 1, got {train.max_nonfinite_streak}")
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -198,19 +177,30 @@ def _skip_nonfinite_steps(engine) -> None:
     optimizer.step = guarded_step
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What a stage adds to the shared loop's saving and resuming (every field optional)."""
+
+    export: Callable[[dict], tuple[dict, dict]] = lambda state: (state, {})  # gathered state -> (weights, adapters)
+    state: Callable[[], dict] = dict  # extra resumable state saved with the engine (KL controller, ...)
+    load_state: Callable[[dict], None] = lambda state: None  # restores what `state` returned
+    before_final_save: Callable[[], None] = lambda: None  # last checks whose results go into the final manifest
+
+
 class Trainer:
     """One DeepSpeed engine plus the loop: step → log → eval → checkpoint, with exact resume.
 
-    Stage hooks:
+    A stage passes `hooks` (what it saves and restores) and `manifest_extra` (its facts for the
+    manifest, a dict it may add to while training) to the constructor, then calls
+    `fit(step_fn, eval_fn)`:
       step_fn(step) -> dict        one optimizer step (all micro-batches); returns scalar metrics
       eval_fn() -> dict            validation metrics (every rank calls it; must agree across ranks)
-      export_fn(state) -> (weights, adapters)   split the gathered state into the checkpoint files
-      stage_state / load_stage_state           extra resumable state (KL controller, ...)
     """
 
     def __init__(self, cfg: DictConfig, dist_info: Dist, module: nn.Module, *, stage: str,
                  model_config: Mapping, tokenizer, parent: checkpoint.Checkpoint | None = None,
-                 tokens_per_step: int = 0, optimizer_steps: int | None = None):
+                 tokens_per_step: int = 0, optimizer_steps: int | None = None, hooks: Hooks | None = None,
+                 manifest_extra: Mapping[str, Any] | None = None):
         self.cfg, self.dist, self.stage = cfg, dist_info, stage
         self.out_dir = Path(cfg.out_dir)
         self.model_config, self.tokenizer, self.parent = dict(model_config), tokenizer, parent
@@ -218,12 +208,9 @@ class Trainer:
         self.max_steps = int(cfg.train.max_steps)
         self.step = 0
         self.tokens_seen = 0
-        self.stage_state: Callable[[], dict] = dict
-        self.load_stage_state: Callable[[dict], None] = lambda state: None
-        self.export_fn: Callable[[dict], tuple[dict, dict]] = lambda state: (state, {})
+        self.hooks = hooks or Hooks()
         self.final_metrics: dict[str, Any] = {}
-        self.manifest_extra: dict[str, Any] = {}  # stage facts for the manifest (LoRA scopes, heads, ...)
-        self.before_final_save: Callable[[], None] = lambda: None  # last checks that go into the final manifest
+        self.manifest_extra: dict[str, Any] = dict(manifest_extra or {})  # LoRA scopes, heads, data stats, ...
 
         self.train_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.total_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
@@ -315,7 +302,7 @@ class Trainer:
         self.step = int(client["step"])
         self.tokens_seen = int(client.get("tokens_seen", 0))
         _set_rng_state(client["rng"])
-        self.load_stage_state(client.get("stage_state", {}))
+        self.hooks.load_state(client.get("stage_state", {}))
         self.tracker.truncate_after(self.step)
         if self.dist.is_main:
             self.tracker.summary("resume", {"from": str(self.out_dir / DS_DIR / tag), "step": self.step})
@@ -325,7 +312,7 @@ class Trainer:
     def save(self, *, final: bool = False, metrics: Mapping | None = None) -> Path:
         tag = checkpoint.step_name(self.step)
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "rng": _rng_state(),
-                  "stage_state": self.stage_state()}
+                  "stage_state": self.hooks.state()}
         try:
             # `latest` is written by palmrl below, after every rank's files and the consolidated folder
             # are complete: a crash at any point of a save leaves it naming the previous checkpoint
@@ -333,7 +320,7 @@ class Trainer:
             state = gather_state_dict(self.engine)
             folder = self.out_dir / ("final" if final else tag)
             if self.dist.is_main:
-                weights, adapters = self.export_fn(state)
+                weights, adapters = self.hooks.export(state)
                 checkpoint.save(folder, stage=self.stage, step=self.step, weights=weights, adapters=adapters,
                                 model_config=self.model_config, tokenizer=self.tokenizer,
                                 config=OmegaConf.to_container(self.cfg, resolve=True),
@@ -350,7 +337,7 @@ class Trainer:
                             f"{str(err).splitlines()[0]}; {self.last_good()}") from None
         self._barrier()
         if self.dist.is_main:
-            _write_atomic(self.out_dir / DS_DIR / "latest", tag)
+            write_atomic(self.out_dir / DS_DIR / "latest", tag)
             checkpoint.prune_steps(self.out_dir, int(self.cfg.train.keep_last))
             self._prune_ds_tags()
         self._barrier()
@@ -429,7 +416,7 @@ class Trainer:
             if eval_fn is not None:
                 eval_metrics = self.evaluate(eval_fn)
             self.final_metrics = dict(eval_metrics)
-            self.before_final_save()
+            self.hooks.before_final_save()
             final = self.save(final=True, metrics=self.final_metrics)
         self.tracker.finish({"final checkpoint": str(final), "steps": self.step,
                              "tokens seen": self.tokens_seen, **self.final_metrics})
@@ -510,12 +497,6 @@ def _any_rank(*flags: bool) -> tuple[bool, ...]:
     value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return tuple(bool(v > 0) for v in value.tolist())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

@@ -312,7 +312,6 @@ def evaluate_policies(stages: dict[str, StageRun],
                       settings: ReportSettings) -> tuple[dict | None, list[dict], list[str]]:
     """Best-of-n of the final policy and greedy samples before/after RLHF: (best_of_n, samples, notes)."""
     from palmrl import checkpoint, tasks
-    from palmrl.stages.common import model_from_checkpoint
 
     notes: list[str] = []
     policy_names = [n for n in ("sft", "ppo") if n in stages and stages[n].manifest is not None]
@@ -325,7 +324,7 @@ def evaluate_policies(stages: dict[str, StageRun],
         if ckpts[name].manifest.get("tokenizer_sha256") != ckpts[final].manifest.get("tokenizer_sha256"):
             notes.append(f"{name}/ uses another tokenizer than {final}/: its samples are left out")
             ckpts.pop(name)
-    policies = {name: model_from_checkpoint(c).eval() for name, c in ckpts.items()}
+    policies = {name: checkpoint.model_from_checkpoint(c).eval() for name, c in ckpts.items()}
 
     # held-out prompts of the tasks the policy was trained on, that fit the model with the budget
     task_names = (ckpts[final].manifest.get("config", {}).get("data") or {}).get("tasks")

@@ -120,12 +120,11 @@ def score_texts(model: RewardModel, tokenizer, prompts: Sequence, responses: Seq
 
 def reward_model_from_checkpoint(ckpt: checkpoint.Checkpoint) -> RewardModel:
     """Rebuild a reward model (trunk, LoRA `reward` scope if any, head, score statistics)."""
-    from palmrl.stages.common import model_from_checkpoint
 
     spec = ckpt.manifest.get("reward")
     if ckpt.stage != "reward" or not spec:
         raise UserError(f"reward: {ckpt.path} is a {ckpt.stage} checkpoint, not a reward model")
-    palm = model_from_checkpoint(ckpt)
+    palm = checkpoint.model_from_checkpoint(ckpt)
     model = RewardModel(palm, objective=spec["objective"], num_bins=int(spec.get("num_bins", 5)))
     weights = ckpt.weights()
     head = {k.removeprefix("reward_head."): v for k, v in weights.items() if k.startswith("reward_head.")}

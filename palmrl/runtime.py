@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from palmrl.config import check_override_types, check_training_config
 from palmrl.errors import UserError
 
 
@@ -108,49 +109,5 @@ def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path],
     if from_cli:
         check_override_types(stage, cfg)
     if all(key in cfg for key in ("train", "optim", "zero")):
-        from palmrl.engine import check_training_config
-
         check_training_config(cfg)
     return runner(cfg)
-
-
-_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
-
-
-def _type_error(default, value) -> str | None:
-    """Why `value` cannot stand where the YAML default is `default` (None when it can)."""
-    if value is None or default is None or isinstance(default, str):
-        return None  # null switches many keys off; strings take anything
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        return None
-    return None if ok else f"expected {_KINDS[type(default)]}, got {value!r}"
-
-
-def check_override_types(stage: str, cfg: DictConfig) -> None:
-    """A command-line value must have the type of the key's YAML default: `train.max_steps=abc` is
-    refused here, naming the key, instead of failing later inside int(). Only inside a job the CLI
-    launched (the defaults are recomposed with the job's group choices and none of its value overrides)."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.get()
-    choices = hydra_cfg.runtime.choices
-    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
-    groups = [o for o in task if o.split("=", 1)[0].lstrip("+~") in choices]
-    defaults = OmegaConf.to_container(compose(config_name=stage, overrides=groups), resolve=False)
-    given = OmegaConf.to_container(cfg, resolve=False)
-
-    def walk(default, value, path: str) -> None:
-        if isinstance(default, dict) and isinstance(value, dict):
-            for key in default.keys() & value.keys():
-                walk(default[key], value[key], f"{path}.{key}" if path else str(key))
-        elif (why := _type_error(default, value)) is not None:
-            raise UserError(f"{path}: {why}")
-
-    walk({k: v for k, v in defaults.items() if k != "hydra"}, given, "")

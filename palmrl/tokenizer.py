@@ -22,6 +22,12 @@ space. Newline is a user-defined piece of its own: SentencePiece trains on lines
 The byte kind needs no training: ids 0..6 are the specials and id 7 + b is byte b, so its
 vocab_size is 263. It is not padded: palmrl checks that model.vocab_size equals the tokenizer's
 (set model.vocab_size=263 to use it).
+
+A checkpoint made from a Hugging Face model carries that model's fast tokenizer instead
+(`HFTokenizer`, in `hf_tokenizer/`): its own chat template when it has one (rendered turn by turn
+so the SFT loss covers exactly the assistant turns), otherwise palmrl's template as plain-text
+headers (`### User:` ... `### Assistant:`), each reply closed by eos. `Tokenizer.load` picks the kind
+from what the folder holds.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import sentencepiece as spm
 
 from palmrl.errors import UserError
+from palmrl.io import transformers
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -148,8 +155,6 @@ class Tokenizer:
     def load(cls, folder: Path) -> Tokenizer:
         """Load the tokenizer saved in `folder` (or the tokenizer.model / tokenizer.json given)."""
         folder = Path(folder)
-        from palmrl.model.hf import TOKENIZER_DIR, HFTokenizer
-
         if (folder / TOKENIZER_DIR).is_dir():  # a checkpoint made from a Hugging Face model
             return HFTokenizer.load(folder / TOKENIZER_DIR)
         if folder.is_file():
@@ -307,3 +312,116 @@ def _byte_spec_bytes() -> bytes:
     """The canonical JSON of the byte tokenizer (what `save` writes to tokenizer.json)."""
     spec = {"kind": "byte", "special_tokens": list(SPECIAL_TOKENS), "byte_offset": _BYTE_OFFSET, "vocab_size": _BYTE_VOCAB_SIZE}
     return json.dumps(spec, sort_keys=True, indent=1).encode()
+
+
+TOKENIZER_DIR = "hf_tokenizer"   # inside a palmrl checkpoint folder
+HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+# the same format as a Jinja chat template, written into exported folders of template-less models
+HEADERS_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}### Assistant:\n{{ m['content'] }}{{ eos_token }}"
+    "{% else %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+class HFTokenizer:
+    """A transformers fast tokenizer behind palmrl's Tokenizer interface."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer, *, origin: str):
+        self.tk = tokenizer
+        self.origin = origin
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"{origin}: the tokenizer has no eos token; palmrl needs one to end replies")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_id
+        self.bos_id = int(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else self.eos_id
+        self.vocab_size = len(tokenizer)
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.origin}, {self.vocab_size} ids, chat template: {self.has_template})"
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None) -> HFTokenizer:
+        tf = transformers()
+        try:
+            tk = tf.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, revision=revision)
+        except (OSError, ValueError, TypeError) as err:
+            raise UserError(f"{folder}: no usable tokenizer ({str(err).splitlines()[0][:160]})") from None
+        if not getattr(tk, "is_fast", False):
+            raise UserError(f"{folder}: palmrl needs a fast tokenizer (tokenizer.json)")
+        return cls(tk, origin=str(folder))
+
+    # ---- text <-> ids ------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tk.encode(text, add_special_tokens=False))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tk(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end a reply or start a new turn: every special token (eos, pad, template markers)."""
+        return frozenset(int(i) for i in self.tk.all_special_ids) | {self.eos_id, self.pad_id}
+
+    # ---- chat --------------------------------------------------------------------------
+    def _template(self, messages: Sequence[Mapping[str, str]], *, generation_prompt: bool) -> list[int]:
+        ids = self.tk.apply_chat_template([dict(m) for m in messages], tokenize=True,
+                                          add_generation_prompt=generation_prompt)
+        if isinstance(ids, Mapping) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[bool]]:
+        """Token ids and the SFT loss mask (True on assistant replies and what closes them)."""
+        if not self.has_template:
+            tokens: list[int] = []
+            mask: list[bool] = []
+            for message in messages:
+                head = self.encode(HEADERS[message["role"]])
+                reply = message["role"] == "assistant"
+                body = self.encode(message["content"]) + ([self.eos_id] if reply else [])
+                tail = [] if reply else self.encode("\n\n")
+                tokens += head + body + tail
+                mask += [False] * len(head) + [reply] * len(body) + [False] * len(tail)
+            return tokens, mask
+        tokens, mask = [], []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._template(messages[:i], generation_prompt=True)
+            through = self._template(messages[: i + 1], generation_prompt=False)
+            if through[: len(before)] != before or before[: len(tokens)] != tokens:
+                raise UserError(f"{self.origin}: its chat template does not render conversations "
+                                f"incrementally, so assistant turns cannot be masked")
+            mask += [False] * (len(before) - len(tokens)) + [True] * (len(through) - len(before))
+            tokens = through
+        full = self._template(messages, generation_prompt=False) if messages else []
+        mask += [False] * (len(full) - len(tokens))
+        return full, mask
+
+    def render_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        if not self.has_template:
+            return self.render_chat(messages)[0] + self.encode(HEADERS["assistant"])
+        return self._template(messages, generation_prompt=True)
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, folder: Path) -> Path:
+        target = Path(folder) / TOKENIZER_DIR
+        self.tk.save_pretrained(str(target))
+        return target
+
+    def content_hash(self) -> str:
+        """sha256 over what decides the encoding: the backend model, specials and chat template."""
+        blob = json.dumps({"backend": json.loads(self.tk.backend_tokenizer.to_str()),
+                           "special": {k: str(v) for k, v in sorted(self.tk.special_tokens_map.items())},
+                           "template": getattr(self.tk, "chat_template", None)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()

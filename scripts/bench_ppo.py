@@ -157,7 +157,8 @@ def child_generate(sft: Path, new_tokens: int) -> dict:
     from palmrl.data.preferences import load_prompts
     from palmrl.generate import generate
     from palmrl.model.lora import lora_scope
-    from palmrl.stages.common import apply_lora, policy_from_checkpoint
+    from palmrl.checkpoint import policy_from_checkpoint
+    from palmrl.model.registry import apply_lora
 
     cfg = compose("ppo", [f"ppo.{k}={v}" for k, v in PPO.items()])  # ppo's sampling knobs, data and lora
     p = cfg.ppo

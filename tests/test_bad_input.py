@@ -47,7 +47,7 @@ def tamper(folder: Path, edit) -> Path:
 
 def truncated(run: Path, tmp: Path) -> Path:
     """model.safetensors cut in half, its hash updated: the file itself must be refused."""
-    from palmrl.checkpoint import sha256_file
+    from palmrl.io import sha256_file
 
     folder = copy_ckpt(run, "sft", tmp / "trunc")
     data = (folder / "model.safetensors").read_bytes()

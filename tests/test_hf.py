@@ -132,7 +132,7 @@ def assert_export_matches(ckpt_dir: Path, exported: Path) -> None:
     import transformers
 
     from palmrl import checkpoint
-    from palmrl.stages.common import policy_from_checkpoint
+    from palmrl.checkpoint import policy_from_checkpoint
 
     policy, _ = policy_from_checkpoint(checkpoint.load(ckpt_dir))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported)
@@ -227,7 +227,7 @@ def test_kv_cache_generation_matches_full_forward(hf_run):
     recomputing everything at each step."""
     from palmrl.data.chat import prompt_tokens
     from palmrl.generate import generate
-    from palmrl.model.hf import load_source
+    from palmrl.checkpoint import load_source
 
     family, source, root = hf_run
     model, tokenizer = load_source({"path": str(source)})

@@ -87,7 +87,7 @@ def test_existing_run_is_never_overwritten(tmp_path, tokenizer_dir, dist_env):
 @pytest.mark.parametrize("zero", ["stage2", "stage3"])
 def test_two_ranks_then_one_process_eval(tmp_path, tokenizer_dir, zero):
     from palmrl import checkpoint
-    from palmrl.stages.common import model_from_checkpoint
+    from palmrl.checkpoint import model_from_checkpoint
     from palmrl.stages.pretrain import lm_loss
     from palmrl.data.sources import load_texts, source_fingerprint
     from palmrl.data.tokens import TokenBatches, build_token_shards

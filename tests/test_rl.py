@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from palmrl.errors import UserError
 from palmrl.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -151,7 +150,7 @@ def test_kl_estimators_hand_values():
     # k3 = exp(ref - lp) - 1 - (ref - lp): 0.5 - 1 + ln 2 = 0.193147; 2 - 1 - ln 2 = 0.306853
     assert_close(kl_penalty(lp, ref, "k3"), [[0.5 - 1 + LN2, 2 - 1 - LN2]])
     assert_close(kl_penalty(lp, ref, "abs"), [[LN2, LN2]])
-    with pytest.raises(UserError, match="k4"):
+    with pytest.raises(ValueError, match="k4"):
         kl_penalty(lp, ref, "k4")
 
 
@@ -172,9 +171,9 @@ def test_adaptive_kl_controller_moves_toward_target_and_round_trips():
     resumed.load_state_dict(ctl.state_dict())
     assert resumed.value == ctl.value  # exact
     assert resumed.update(9.0, 64) == ctl.update(9.0, 64)
-    with pytest.raises(UserError, match="fixed"):
+    with pytest.raises(ValueError, match="fixed"):
         resumed.load_state_dict(FixedKLController(0.1).state_dict())
-    with pytest.raises(UserError, match="target"):
+    with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(init_kl_coef=0.2, target=0.0, horizon=10_000)
 
 

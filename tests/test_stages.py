@@ -29,7 +29,7 @@ def metrics(folder):
 
 def test_sft_lora_trains_adapters_only_and_merges_exactly(pipeline_run, tmp_path, dist_env):
     from palmrl import checkpoint
-    from palmrl.stages.common import model_from_checkpoint, policy_from_checkpoint
+    from palmrl.checkpoint import model_from_checkpoint, policy_from_checkpoint
 
     out = run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "lora=r8", f"out_dir={tmp_path / 'sft'}", *SFT_SMALL])
     base = load_file(pipeline_run / "pretrain" / "final" / "model.safetensors")
@@ -79,7 +79,7 @@ def test_pairwise_loss_flips_when_halves_swap():
 
 def test_reward_lora_leaves_trunk_untouched(pipeline_run, tmp_path, dist_env):
     from palmrl import checkpoint
-    from palmrl.stages.common import policy_from_checkpoint
+    from palmrl.checkpoint import policy_from_checkpoint
 
     out = run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "lora=r8", "data.policy_negatives=0",
                                f"out_dir={tmp_path / 'rm'}", *REWARD_SMALL])
@@ -147,7 +147,7 @@ def test_identical_pairs_are_dropped_and_counted(tmp_path):
 
 def test_ppo_keeps_reference_and_reward_frozen(pipeline_run):
     from palmrl import checkpoint
-    from palmrl.stages.common import policy_from_checkpoint
+    from palmrl.checkpoint import policy_from_checkpoint
 
     ppo = checkpoint.load(pipeline_run / "ppo", stages=["ppo"])
     frozen = ppo.manifest["ppo"]["frozen_sha256"]
@@ -184,7 +184,7 @@ def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     from conftest import compose
     from palmrl.data.preferences import load_prompts
     from palmrl.evaluate import sampled_reward
-    from palmrl.stages.common import policy_from_checkpoint
+    from palmrl.checkpoint import policy_from_checkpoint
     from palmrl.stages.ppo import prompt_text
 
     data = compose("ppo", [TASKS, "data.train_size=64"]).data

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from palmrl.errors import UserError
 
 KL_KINDS = ("k1", "k2", "k3", "abs")
 ADAPTIVE_ERROR_CLIP = 0.2  # Ziegler et al.: the proportional error is clipped to +-20%
@@ -37,7 +36,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tens
         return torch.expm1(-log_ratio) + log_ratio  # exp(ref - lp) - 1 - (ref - lp), stable near 0
     if kind == "abs":
         return log_ratio.abs()
-    raise UserError(f"KL estimator kind={kind!r} is not one of {', '.join(KL_KINDS)}")
+    raise ValueError(f"KL estimator kind={kind!r} is not one of {', '.join(KL_KINDS)}")
 
 
 class AdaptiveKLController:
@@ -52,11 +51,11 @@ class AdaptiveKLController:
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
         if init_kl_coef < 0:
-            raise UserError(f"kl init_kl_coef must be >= 0 (got {init_kl_coef})")
+            raise ValueError(f"kl init_kl_coef must be >= 0 (got {init_kl_coef})")
         if target <= 0:
-            raise UserError(f"kl target must be > 0 (got {target})")
+            raise ValueError(f"kl target must be > 0 (got {target})")
         if horizon <= 0:
-            raise UserError(f"kl horizon must be > 0 (got {horizon})")
+            raise ValueError(f"kl horizon must be > 0 (got {horizon})")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
@@ -83,7 +82,7 @@ class FixedKLController:
 
     def __init__(self, kl_coef: float):
         if kl_coef < 0:
-            raise UserError(f"kl kl_coef must be >= 0 (got {kl_coef})")
+            raise ValueError(f"kl kl_coef must be >= 0 (got {kl_coef})")
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
@@ -100,4 +99,4 @@ class FixedKLController:
 def _check_kind(state: dict[str, Any], expected: str) -> None:
     if state.get("kind") != expected:
         found = state.get("kind")
-        raise UserError(f"checkpoint holds a {found!r} KL controller but the config asks for {expected!r}")
+        raise ValueError(f"checkpoint holds a {found!r} KL controller but the config asks for {expected!r}")

@@ -25,7 +25,6 @@ from palmrl import checkpoint
 from palmrl.data.chat import as_messages, render_prompt, template_ids
 from palmrl.errors import UserError
 from palmrl.generate import left_pad, sample_next
-from palmrl.stages.common import model_from_checkpoint
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class Engine:
     def __init__(self, ckpt: str | Path, *, key: str = "ckpt", precision: str = "fp32", chat: str | bool = "auto"):
         self.checkpoint = checkpoint.load(ckpt, key=key)
         self.tokenizer = self.checkpoint.tokenizer()
-        self.model = model_from_checkpoint(self.checkpoint).eval()
+        self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval()
         if precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
         elif precision != "fp32":

@@ -377,3 +377,19 @@ class RecordFilter:
     def counts(self) -> dict[str, int]:
         """Removed per reason, every reason listed (0 included), in check order."""
         return {reason: self.removed.get(reason, 0) for reason in REASONS}
+
+
+def print_report(title: str, total: int, kept: int, removed: dict[str, int]) -> None:
+    """A table of how many records each filter removed, and how many were kept."""
+    from rich.table import Table
+
+    from palmrl.tracking import console
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("filter", style="bold cyan")
+    table.add_column("removed", justify="right")
+    table.add_column("share", justify="right")
+    for reason in REASONS:
+        table.add_row(reason, str(removed.get(reason, 0)), f"{removed.get(reason, 0) / max(total, 1):.1%}")
+    table.add_row("kept", str(kept), f"{kept / max(total, 1):.1%}", style="bold")
+    console.print(table)

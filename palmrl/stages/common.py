@@ -1,4 +1,5 @@
-"""What several stages share: the tokenizer they agree on, and models rebuilt from checkpoints."""
+"""What several training stages share: the tokenizer they agree on, where a fine-tune starts from
+(a palmrl checkpoint or a Hugging Face model), and how a trained module is split for saving."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.model.lora import LoRAConfig, add_lora, load_lora_state_dict, set_lora_scope
-from palmrl.model.palm import ModelConfig, PaLM
 
 
 def _barrier() -> None:
@@ -50,88 +49,6 @@ def tokenizer_for_training(cfg: DictConfig, is_main: bool):
     return Tokenizer.load(path)
 
 
-def config_from_dict(d: Mapping):
-    """model.yaml → ModelConfig (PaLM) or HFConfig (a Hugging Face model, `family: hf`)."""
-    if d.get("family") == "hf":
-        from palmrl.model.hf import HFConfig
-
-        return HFConfig.from_dict(d)
-    return ModelConfig.from_dict(d)
-
-
-def build_model(config):
-    """An untrained model of the family `config` describes."""
-    if getattr(config, "family", None) == "hf":
-        from palmrl.model.hf import HFCausalLM
-
-        return HFCausalLM.from_config(config, trust_remote_code=bool(config.source.get("trust_remote_code")))
-    return PaLM(config)
-
-
-def check_vocab(tokenizer, model_config: ModelConfig, *, where: str) -> None:
-    if getattr(model_config, "family", None) == "hf":
-        if tokenizer.vocab_size > model_config.vocab_size:
-            raise UserError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                            f"{model_config.vocab_size}: tokenizer and model do not match")
-        return
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise UserError(f"model.vocab_size ({model_config.vocab_size}) does not match the tokenizer at {where} "
-                        f"({tokenizer.vocab_size} ids): set model.vocab_size={tokenizer.vocab_size} "
-                        f"or use a matching tokenizer")
-
-
-def load_palm_weights(model, weights: Mapping[str, torch.Tensor], *, where: str) -> None:
-    """Load trunk weights (PaLM or HF; head and adapter tensors in the same file are ignored here)."""
-    trunk = {k: v for k, v in weights.items()
-             if k.split(".")[0] not in ("reward_head", "value_head") and "lora_" not in k}
-    expected = dict(model.named_parameters())
-    unknown = sorted(set(trunk) - set(model.state_dict()))
-    missing = sorted(set(expected) - set(trunk))
-    if unknown or missing:
-        culprit = f"unexpected tensor '{unknown[0]}'" if unknown else f"missing tensor '{missing[0]}'"
-        raise UserError(f"{where}: weights do not fit the model in its model.yaml ({culprit})")
-    with torch.no_grad():
-        for name, param in expected.items():
-            if param.shape != trunk[name].shape:
-                raise UserError(f"{where}: tensor '{name}' has shape {tuple(trunk[name].shape)}, "
-                                f"the model expects {tuple(param.shape)}")
-            param.copy_(trunk[name])
-
-
-def attach_adapters(model: PaLM, ckpt: checkpoint.Checkpoint) -> list[str]:
-    """Recreate the LoRA scopes recorded in the manifest and load their tensors; returns the scopes."""
-    lora = ckpt.manifest.get("lora") or {}
-    scopes = lora.get("scopes", {})
-    if not scopes:
-        return []
-    for scope, spec in scopes.items():
-        add_lora(model, scope, LoRAConfig(rank=int(spec["rank"]), alpha=float(spec["alpha"]),
-                                          dropout=0.0, targets=tuple(spec["targets"])))
-    load_lora_state_dict(model, ckpt.adapters())
-    set_lora_scope(model, lora.get("active"))
-    return list(scopes)
-
-
-def model_from_checkpoint(ckpt: checkpoint.Checkpoint, *, adapters: bool = True):
-    """The model (PaLM or HF) a checkpoint describes, with its LoRA adapters attached (active scope as saved)."""
-    config = config_from_dict(ckpt.model_config)
-    model = build_model(config)
-    load_palm_weights(model, ckpt.weights(), where=str(ckpt.path))
-    if adapters:
-        attach_adapters(model, ckpt)
-    return model
-
-
-def policy_from_checkpoint(ckpt: checkpoint.Checkpoint):
-    """The checkpoint's policy as one plain model: any LoRA scopes it carries merged into the base."""
-    from palmrl.model.lora import merge_lora
-
-    model = model_from_checkpoint(ckpt)
-    for scope in (ckpt.manifest.get("lora") or {}).get("scopes", {}):
-        merge_lora(model, scope)
-    return model, config_from_dict(ckpt.model_config)
-
-
 def policy_source(cfg: DictConfig, key: str, stages: list[str]):
     """What sft/reward start from: `model=hf model.path=...` (a Hugging Face model: no parent
     checkpoint) or the palmrl checkpoint at cfg.<key>. Returns (model, config, tokenizer, parent, facts)."""
@@ -140,42 +57,12 @@ def policy_source(cfg: DictConfig, key: str, stages: list[str]):
         raise UserError(f"model: {cfg.stage} takes its architecture from {key}; model= only selects model=hf "
                         f"(a Hugging Face model as the starting point)")
     if model_cfg is not None:
-        from palmrl.model.hf import load_source
-
-        model, tokenizer = load_source(model_cfg)
+        model, tokenizer = checkpoint.load_source(model_cfg)
         return model, model.config, tokenizer, None, {"hf_source": model.config.source}
     parent = checkpoint.load(cfg[key], key=key, stages=stages)
     tokenizer = parent.tokenizer()
-    model, config = policy_from_checkpoint(parent)
+    model, config = checkpoint.policy_from_checkpoint(parent)
     return model, config, tokenizer, parent, {}
-
-
-def default_lora_targets(model) -> tuple[str, ...]:
-    """lora.targets=null: the model family's projections (PaLM's three, an HF model's every Linear)."""
-    from palmrl.model.lora import LoRAConfig
-
-    return tuple(getattr(model, "lora_targets", LoRAConfig.targets))
-
-
-def apply_lora(model: PaLM, lora_cfg, scope: str) -> dict:
-    """Add a trainable LoRA scope over a frozen base (rank 0 = full fine-tuning: nothing to do).
-
-    Returns the manifest entry describing the scope, or {} without LoRA.
-    """
-    from palmrl.model.lora import freeze_except_lora
-
-    rank = int(lora_cfg.rank)
-    if rank < 0:
-        raise UserError(f"lora.rank must be >= 0, got {rank}")
-    if rank == 0:
-        return {}
-    targets = tuple(lora_cfg.targets) if lora_cfg.get("targets") else default_lora_targets(model)
-    spec = {"rank": rank, "alpha": float(lora_cfg.alpha), "targets": list(targets)}
-    add_lora(model, scope, LoRAConfig(rank=rank, alpha=float(lora_cfg.alpha), dropout=float(lora_cfg.dropout),
-                                      targets=targets))
-    set_lora_scope(model, scope)
-    freeze_except_lora(model, scope)
-    return {"scopes": {scope: spec}, "active": scope}
 
 
 def export_split(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:

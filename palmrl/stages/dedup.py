@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from palmrl.errors import UserError
-from palmrl.selfinstruct.filters import REASONS, DedupConfig, FilterConfig, RecordFilter
+from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, print_report
 from palmrl.tracking import console
 
 
@@ -57,19 +57,6 @@ def dedup_file(src: Path, dst: Path, removed_path: Path, record_filter: RecordFi
             "kept": record_filter.kept, "removed": record_filter.counts(),
             "dedup": vars(record_filter.dedup), "elapsed_s": round(elapsed, 3),
             "records_per_s": round(total / elapsed, 1) if elapsed > 0 else None}
-
-
-def print_report(title: str, total: int, kept: int, removed: dict[str, int]) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("filter", style="bold cyan")
-    table.add_column("removed", justify="right")
-    table.add_column("share", justify="right")
-    for reason in REASONS:
-        table.add_row(reason, str(removed.get(reason, 0)), f"{removed.get(reason, 0) / max(total, 1):.1%}")
-    table.add_row("kept", str(kept), f"{kept / max(total, 1):.1%}", style="bold")
-    console.print(table)
 
 
 def run(cfg: DictConfig) -> Path | None:

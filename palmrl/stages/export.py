@@ -17,12 +17,13 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.stages.common import config_from_dict, policy_from_checkpoint
+from palmrl.io import quiet_transformers, readable_by_umask, transformers
+from palmrl.model.hf import HFCausalLM
+from palmrl.model.registry import config_from_dict
+from palmrl.tokenizer import HEADERS_TEMPLATE, HFTokenizer
 
 
 def run(cfg: DictConfig) -> Path:
-    from palmrl.model.hf import export_hf
-
     ckpt = checkpoint.load(cfg.ckpt, key="ckpt", stages=["sft", "ppo"])
     if getattr(config_from_dict(ckpt.model_config), "family", None) != "hf":
         raise UserError(f"ckpt: {ckpt.path} is a PaLM checkpoint; export writes Hugging Face folders, which only "
@@ -30,7 +31,7 @@ def run(cfg: DictConfig) -> Path:
     out = Path(str(cfg.out)).expanduser()
     if out.exists() and any(out.iterdir()) and not cfg.get("overwrite", False):
         raise UserError(f"out: {out} exists and is not empty; add overwrite=true to replace it")
-    model, _ = policy_from_checkpoint(ckpt)
+    model, _ = checkpoint.policy_from_checkpoint(ckpt)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     export_hf(model, ckpt.tokenizer(), tmp)
@@ -39,3 +40,25 @@ def run(cfg: DictConfig) -> Path:
     print(f"palmrl: exported {ckpt.path} -> {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))",
           flush=True)
     return out
+
+
+def export_hf(model: HFCausalLM, tokenizer: HFTokenizer, folder: Path) -> Path:
+    """Write `model` (LoRA already merged) as a standard HF folder: config, safetensors, tokenizer."""
+    tf = transformers()
+    hf_config = tf.AutoConfig.for_model(**model.config.hf_config)
+    fresh = tf.AutoModelForCausalLM.from_config(hf_config)
+    state = model.hf_state_dict()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise UserError(f"export: weights do not fit {hf_config.model_type} "
+                        f"(missing {sorted(set(missing) - tied)[:2]}, unexpected {sorted(unexpected)[:2]})")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        fresh.save_pretrained(str(folder), safe_serialization=True)
+    if not tokenizer.has_template:  # the policy was trained on palmrl's header format: say so
+        tokenizer.tk.chat_template = HEADERS_TEMPLATE
+    tokenizer.tk.save_pretrained(str(folder))
+    readable_by_umask(folder)
+    return folder

@@ -104,7 +104,7 @@ def _compose(stage: str, args: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from palmrl.cli import CONFIG_DIR
+    from palmrl.config import CONFIG_DIR
 
     def build() -> dict:
         cfg = compose(config_name=stage, overrides=args)

@@ -35,7 +35,7 @@ from palmrl import checkpoint, rl, tasks
 from palmrl.data.chat import as_messages, clean_response, render_prompt
 from palmrl.data.instructions import SFTBatches
 from palmrl.data.preferences import load_prompts
-from palmrl.engine import Trainer
+from palmrl.engine import Hooks, Trainer
 from palmrl.errors import TrainingDiverged, UserError
 from palmrl.evaluate import sampled_reward, task_score
 from palmrl.generate import generate
@@ -44,7 +44,8 @@ from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, lora_sco
 from palmrl.model.palm import PaLM
 from palmrl.reward import RewardModel, last_positions, reward_model_from_checkpoint
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.stages.common import apply_lora, export_split, policy_from_checkpoint
+from palmrl.model.registry import apply_lora
+from palmrl.stages.common import export_split
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
 TRAIN_PROMPT_SAMPLES = 8  # samples per training prompt for its true reward (1,600 with 200 prompts): the demo's PPO gate reads it
@@ -138,6 +139,12 @@ def run(cfg: DictConfig) -> Path:
     if rloo and (int(p.samples_per_prompt) < 2 or p.variant != "standard"):
         raise UserError(f"ppo.advantage=rloo needs ppo.samples_per_prompt >= 2 and ppo.variant=standard "
                         f"(got {p.samples_per_prompt} and {p.variant})")
+    if str(p.kl_kind) not in rl.KL_KINDS:
+        raise UserError(f"ppo.kl_kind must be one of {', '.join(rl.KL_KINDS)}, got '{p.kl_kind}'")
+    if float(p.kl_coef) < 0:
+        raise UserError(f"ppo.kl_coef must be >= 0, got {p.kl_coef}")
+    if p.kl_target is not None and (float(p.kl_target) <= 0 or int(p.kl_horizon) <= 0):
+        raise UserError(f"ppo.kl_target and ppo.kl_horizon must be > 0, got {p.kl_target} and {p.kl_horizon}")
     rollout_batch, minibatch = int(p.rollout_batch), int(p.minibatch)
     if rollout_batch % minibatch:
         raise UserError(f"ppo.rollout_batch ({rollout_batch}) must be a multiple of ppo.minibatch ({minibatch})")
@@ -148,7 +155,7 @@ def run(cfg: DictConfig) -> Path:
     # ---- models ----------------------------------------------------------------------------
     policy_ckpt = checkpoint.load(cfg.policy, key="policy", stages=["sft", "pretrain", "ppo"])
     tokenizer = policy_ckpt.tokenizer()
-    palm, model_config = policy_from_checkpoint(policy_ckpt)
+    palm, model_config = checkpoint.policy_from_checkpoint(policy_ckpt)
     use_lora = int(cfg.lora.rank) > 0
 
     reward_fn, reward_model, reward_ckpt = None, None, None
@@ -226,18 +233,13 @@ def run(cfg: DictConfig) -> Path:
     kl_ctl = (rl.AdaptiveKLController(float(p.kl_coef), float(p.kl_target), int(p.kl_horizon))
               if p.kl_target is not None else rl.FixedKLController(float(p.kl_coef)))
     updates_per_iter = int(p.epochs) * (rollout_batch // minibatch)
-    trainer = Trainer(cfg, dist, module, stage="ppo", model_config=model_config.to_dict(), tokenizer=tokenizer,
-                      parent=policy_ckpt, tokens_per_step=rollout_batch * dist.world_size * max_new,
-                      optimizer_steps=int(cfg.train.max_steps) * updates_per_iter)
-    trainer.export_fn = export_actor(use_lora)
-    trainer.stage_state = lambda: {"kl_ctl": kl_ctl.state_dict()}
-    trainer.load_stage_state = lambda state: kl_ctl.load_state_dict(state["kl_ctl"]) if "kl_ctl" in state else None
-    actor_lora = {"scopes": {ACTOR: lora_spec["scopes"][ACTOR]}, "active": ACTOR} if use_lora else {}
-    frozen = [module.palm, reference, reward_model]  # whatever of these exists and must never move
-    frozen_before = frozen_digest(frozen)
-    ppo_facts = {"reward": str(reward_ckpt.path) if reward_ckpt else None, "reward_fn": cfg.reward_fn,
-                 "variant": str(p.variant), "frozen_sha256": {"before": frozen_before}}
-    trainer.manifest_extra = {"lora": actor_lora, "ppo": ppo_facts}
+
+    def load_stage_state(state: dict) -> None:
+        try:
+            if "kl_ctl" in state:
+                kl_ctl.load_state_dict(state["kl_ctl"])
+        except ValueError as err:  # resuming with ppo.kl_target switched on or off
+            raise UserError(f"resume: {err}") from None
 
     def check_frozen() -> None:
         after = frozen_digest(frozen)
@@ -245,7 +247,19 @@ def run(cfg: DictConfig) -> Path:
         if after != frozen_before:
             raise TrainingDiverged("ppo: a frozen tensor (reference, reward model or shared base) changed during "
                                    "training; this is a bug, please report it")
-    trainer.before_final_save = check_frozen
+
+    actor_lora = {"scopes": {ACTOR: lora_spec["scopes"][ACTOR]}, "active": ACTOR} if use_lora else {}
+    ppo_facts = {"reward": str(reward_ckpt.path) if reward_ckpt else None, "reward_fn": cfg.reward_fn,
+                 "variant": str(p.variant), "frozen_sha256": {}}
+    trainer = Trainer(cfg, dist, module, stage="ppo", model_config=model_config.to_dict(), tokenizer=tokenizer,
+                      parent=policy_ckpt, tokens_per_step=rollout_batch * dist.world_size * max_new,
+                      optimizer_steps=int(cfg.train.max_steps) * updates_per_iter,
+                      hooks=Hooks(export=export_actor(use_lora), state=lambda: {"kl_ctl": kl_ctl.state_dict()},
+                                  load_state=load_stage_state, before_final_save=check_frozen),
+                      manifest_extra={"lora": actor_lora, "ppo": ppo_facts})
+    frozen = [module.palm, reference, reward_model]  # whatever of these exists and must never move
+    frozen_before = frozen_digest(frozen)
+    ppo_facts["frozen_sha256"]["before"] = frozen_before
     engine, device = trainer.engine, dist.device
     zero3_multi_rank = engine.zero_optimization_stage() == 3 and dist.world_size > 1
 

@@ -22,7 +22,8 @@ from palmrl.engine import Trainer
 from palmrl.errors import UserError
 from palmrl.model.palm import ModelConfig, PaLM
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.stages.common import check_vocab, load_palm_weights, tokenizer_for_training
+from palmrl.model.registry import check_vocab
+from palmrl.stages.common import tokenizer_for_training
 
 
 def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
@@ -71,7 +72,7 @@ def run(cfg: DictConfig) -> Path:
 
     model = PaLM(model_config)
     if parent is not None:
-        load_palm_weights(model, parent.weights(), where=str(parent.path))
+        checkpoint.load_trunk_weights(model, parent.weights(), where=str(parent.path))
     trainer = Trainer(cfg, dist, model, stage="pretrain", model_config=model_config.to_dict(),
                       tokenizer=tokenizer, parent=parent,
                       tokens_per_step=micro * accum * dist.world_size * seq_len)

@@ -15,11 +15,12 @@ from omegaconf import DictConfig
 from palmrl.data.instructions import SFTBatches
 from palmrl.data.preferences import (collate_pairs, collate_ratings, load_preference_pairs, load_ratings,
                                      policy_task_pairs)
-from palmrl.engine import Trainer
+from palmrl.engine import Hooks, Trainer
 from palmrl.errors import UserError
 from palmrl.reward import RewardModel, binned_loss, pairwise_loss
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.stages.common import apply_lora, export_split, policy_source
+from palmrl.model.registry import apply_lora
+from palmrl.stages.common import export_split, policy_source
 
 SCOPE = "reward"
 
@@ -79,11 +80,11 @@ def run(cfg: DictConfig) -> Path:
     order = SFTBatches(train_items, batch_size=micro, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
                        rank=dist.rank, world_size=dist.world_size)
 
-    trainer = Trainer(cfg, dist, model, stage="reward", model_config=model_config.to_dict(), tokenizer=tokenizer,
-                      parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len)
-    trainer.export_fn = export_reward
     reward_spec = {"objective": objective, "num_bins": num_bins, "pooling": "last", "margin": float(cfg.reward.margin)}
-    trainer.manifest_extra = {"lora": lora, "reward": reward_spec, "data_stats": stats, **source}
+    trainer = Trainer(cfg, dist, model, stage="reward", model_config=model_config.to_dict(), tokenizer=tokenizer,
+                      parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len,
+                      hooks=Hooks(export=export_reward),
+                      manifest_extra={"lora": lora, "reward": reward_spec, "data_stats": stats, **source})
     engine, device = trainer.engine, dist.device
 
     def loss_of(batch):

@@ -18,7 +18,7 @@ from palmrl import checkpoint
 from palmrl.errors import UserError
 from palmrl.generate import generate
 from palmrl.runtime import seed_everything
-from palmrl.stages.common import config_from_dict, model_from_checkpoint
+from palmrl.model.registry import config_from_dict
 
 BATCH = 32  # prompts decoded together
 
@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> Path | None:
     seed_everything(int(cfg.seed))
     ckpt = checkpoint.load(cfg.ckpt, key="ckpt")
     tokenizer = ckpt.tokenizer()
-    model = model_from_checkpoint(ckpt)
+    model = checkpoint.model_from_checkpoint(ckpt)
     if cfg.precision == "bf16":
         model = model.to(torch.bfloat16)
     chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)

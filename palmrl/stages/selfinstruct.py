@@ -13,9 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from palmrl.runtime import seed_everything
 from palmrl.selfinstruct.backends import GenParams, make_backend
-from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, dataclass_from_cfg
+from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, dataclass_from_cfg, print_report
 from palmrl.selfinstruct.pipeline import PromptConfig, SelfInstruct, load_seeds, report_path
-from palmrl.stages.dedup import print_report
 from palmrl.tracking import console
 
 

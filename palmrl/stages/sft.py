@@ -19,11 +19,12 @@ from omegaconf import DictConfig
 
 from palmrl import tasks
 from palmrl.data.instructions import IGNORE_INDEX, SFTBatches, build_sft_examples, load_instruction_records
-from palmrl.engine import Trainer
+from palmrl.engine import Hooks, Trainer
 from palmrl.errors import UserError
 from palmrl.evaluate import sampled_reward, task_score
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.stages.common import apply_lora, export_split, policy_source
+from palmrl.model.registry import apply_lora
+from palmrl.stages.common import export_split, policy_source
 
 SCOPE = "sft"
 
@@ -63,9 +64,8 @@ def run(cfg: DictConfig) -> Path:
                                         tasks=cfg.data.get("tasks")) if on_tasks else []
 
     trainer = Trainer(cfg, dist, model, stage="sft", model_config=model_config.to_dict(), tokenizer=tokenizer,
-                      parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len)
-    trainer.export_fn = export_split
-    trainer.manifest_extra = {"lora": lora, "data_stats": stats, **source}
+                      parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len,
+                      hooks=Hooks(export=export_split), manifest_extra={"lora": lora, "data_stats": stats, **source})
     engine, device = trainer.engine, dist.device
 
     def step_fn(step: int) -> dict:

@@ -1,0 +1,192 @@
+"""Where the stage configs live, and how a composed config is checked and typed.
+
+The YAML files under `configs/` ship inside the package (`palmrl.configs`, mapped from the
+top-level folder by pyproject's package-dir), so a wheel or `pip install git+...` finds them;
+`PALMRL_CONFIG_DIR` points palmrl at another folder.
+
+`typed(Cls, node, key="ppo")` turns one composed config section into a frozen dataclass once, at the
+stage's boundary: every value is checked against the field's annotation (finite numbers, the right
+type, a choice among a `Literal`'s values), then the dataclass's own `__post_init__` checks ranges by
+raising `Invalid(field, why)`. Either way the user sees one line naming the full key (`ppo.epochs:
+must be >= 1, got 0`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
+
+from omegaconf import DictConfig, OmegaConf
+
+from palmrl.errors import UserError
+
+
+def _config_dir() -> Path:
+    if os.environ.get("PALMRL_CONFIG_DIR"):
+        return Path(os.environ["PALMRL_CONFIG_DIR"])
+    # installed (a wheel, or editable through package-dir): palmrl.configs is the configs/ folder,
+    # a package of data only, found without importing anything
+    spec = importlib.util.find_spec("palmrl.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "configs"  # a source tree on sys.path, not installed
+
+
+CONFIG_DIR = _config_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# typed sections
+
+
+class Invalid(ValueError):
+    """Raised by a config dataclass's __post_init__: `field` is the key inside its section."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field}: {why}")
+        self.field, self.why = field, why
+
+
+T = TypeVar("T")
+
+
+def _check_value(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """(value converted to what `hint` asks, or None and why it cannot be)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        options = [a for a in args if a is not type(None)]
+        reasons = []
+        for option in options:
+            converted, why = _check_value(value, option)
+            if why is None:
+                return converted, None
+            reasons.append(why)
+        return None, reasons[0]
+    if origin is Literal:
+        return (value, None) if value in args else (None, f"must be one of {', '.join(map(str, args))}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return None, f"expected a list, got {value!r}"
+        inner = args[0] if args else Any
+        out = []
+        for item in value:
+            converted, why = _check_value(item, inner)
+            if why is not None:
+                return None, why
+            out.append(converted)
+        return (tuple(out) if origin is tuple else out), None
+    if hint is Any:
+        return value, None
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, f"expected true or false, got {value!r}")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, None) if ok else (None, f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"expected a number, got {value!r}"
+        if not math.isfinite(value):
+            return None, f"must be a finite number, got {value!r}"
+        return float(value), None
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (None, f"expected a string, got {value!r}")
+    return value, None
+
+
+def typed(cls: type[T], node: DictConfig | Mapping | None, *, key: str) -> T:
+    """The config section `node` (at `key`) as a `cls` instance; unknown keys are ignored (they belong
+    to code that reads the section too), missing ones take the dataclass default."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if not field.init or field.name not in values:
+            continue
+        converted, why = _check_value(values[field.name], hints[field.name])
+        if why is not None:
+            raise UserError(f"{key}.{field.name}: {why}")
+        kwargs[field.name] = converted
+    try:
+        return cls(**kwargs)
+    except Invalid as err:
+        raise UserError(f"{key}.{err.field}: {err.why}") from None
+    except TypeError as err:  # a required field the YAML did not give
+        raise UserError(f"{key}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# checks of the composed config
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """The train/optim/zero keys every training stage shares, checked before anything is built or written."""
+    train, optim = cfg.train, cfg.optim
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        if train.get(key) is not None and int(train[key]) <= 0:
+            raise UserError(f"train.{key} must be positive, got {train[key]}")
+    for key in ("save_every", "eval_every", "keep_last"):
+        if train.get(key) is not None and int(train[key]) < 0:
+            raise UserError(f"train.{key} must be >= 0, got {train[key]}")
+    if float(optim.lr) <= 0:
+        raise UserError(f"optim.lr must be positive, got {optim.lr}")
+    if int(optim.warmup_steps) < 0:
+        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 would need loss scaling; "
+                        f"use bf16 on GPUs)")
+    if cfg.zero.get("stage") not in (0, 1, 2, 3):
+        raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.get('stage')}")
+    if str(train.get("on_nonfinite", "skip")) not in ("skip", "stop"):
+        raise UserError(f"train.on_nonfinite must be skip or stop, got '{train.on_nonfinite}'")
+    if int(train.get("max_nonfinite_streak", 3)) < 1:
+        raise UserError(f"train.max_nonfinite_streak must be >= 1, got {train.max_nonfinite_streak}")
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _type_error(default, value) -> str | None:
+    """Why `value` cannot stand where the YAML default is `default` (None when it can)."""
+    if value is None or default is None or isinstance(default, str):
+        return None  # null switches many keys off; strings take anything
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        return None
+    return None if ok else f"expected {_KINDS[type(default)]}, got {value!r}"
+
+
+def check_override_types(stage: str, cfg: DictConfig) -> None:
+    """A command-line value must have the type of the key's YAML default: `train.max_steps=abc` is
+    refused here, naming the key, instead of failing later inside int(). Only inside a job the CLI
+    launched (the defaults are recomposed with the job's group choices and none of its value overrides)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+    groups = [o for o in task if o.split("=", 1)[0].lstrip("+~") in choices]
+    defaults = OmegaConf.to_container(compose(config_name=stage, overrides=groups), resolve=False)
+    given = OmegaConf.to_container(cfg, resolve=False)
+
+    def walk(default, value, path: str) -> None:
+        if isinstance(default, dict) and isinstance(value, dict):
+            for key in default.keys() & value.keys():
+                walk(default[key], value[key], f"{path}.{key}" if path else str(key))
+        elif (why := _type_error(default, value)) is not None:
+            raise UserError(f"{path}: {why}")
+
+    walk({k: v for k, v in defaults.items() if k != "hydra"}, given, "")
