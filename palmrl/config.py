@@ -126,28 +126,75 @@ def typed(cls: type[T], node: DictConfig | Mapping | None, *, key: str) -> T:
 # checks of the composed config
 
 
-def check_training_config(cfg: DictConfig) -> None:
-    """The train/optim/zero keys every training stage shares, checked before anything is built or written."""
-    train, optim = cfg.train, cfg.optim
-    for key in ("micro_batch_size", "grad_accum", "max_steps"):
-        if train.get(key) is not None and int(train[key]) <= 0:
-            raise UserError(f"train.{key} must be positive, got {train[key]}")
-    for key in ("save_every", "eval_every", "keep_last"):
-        if train.get(key) is not None and int(train[key]) < 0:
-            raise UserError(f"train.{key} must be >= 0, got {train[key]}")
-    if float(optim.lr) <= 0:
-        raise UserError(f"optim.lr must be positive, got {optim.lr}")
-    if int(optim.warmup_steps) < 0:
-        raise UserError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The `train:` keys the shared loop reads (a stage's own train keys are typed by the stage).
+    No defaults here: every stage YAML gives them, with each one's reason beside it."""
+
+    max_steps: int
+    micro_batch_size: int
+    grad_accum: int
+    log_every: int
+    eval_every: int
+    save_every: int
+    keep_last: int
+    on_nonfinite: Literal["skip", "stop"]
+    max_nonfinite_streak: int
+    stop_after: int | None
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "max_nonfinite_streak"):
+            if getattr(self, key) <= 0:
+                raise Invalid(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("save_every", "eval_every", "keep_last"):
+            if getattr(self, key) < 0:
+                raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise Invalid("stop_after", f"must be a positive step or null, got {self.stop_after}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The `optim:` group: AdamW with linear warmup then cosine decay (configs/optim/adamw.yaml)."""
+
+    name: Literal["adamw"]
+    lr: float
+    betas: tuple[float, ...]
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    torch_adam: bool
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise Invalid("lr", f"must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise Invalid("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise Invalid("eps", f"must be positive, got {self.eps}")
+        if self.weight_decay < 0:
+            raise Invalid("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise Invalid("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise Invalid("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise Invalid("grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+def check_training_config(cfg: DictConfig) -> tuple[TrainConfig, OptimConfig]:
+    """The train/optim/zero/precision keys every training stage shares, checked before anything is
+    built or written; returns the typed train and optim sections."""
+    train = typed(TrainConfig, cfg.train, key="train")
+    optim = typed(OptimConfig, cfg.optim, key="optim")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 would need loss scaling; "
                         f"use bf16 on GPUs)")
     if cfg.zero.get("stage") not in (0, 1, 2, 3):
         raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.get('stage')}")
-    if str(train.get("on_nonfinite", "skip")) not in ("skip", "stop"):
-        raise UserError(f"train.on_nonfinite must be skip or stop, got '{train.on_nonfinite}'")
-    if int(train.get("max_nonfinite_streak", 3)) < 1:
-        raise UserError(f"train.max_nonfinite_streak must be >= 1, got {train.max_nonfinite_streak}")
+    return train, optim
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number"}

@@ -46,28 +46,27 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
 
     `optimizer_steps` is the schedule length when a loop step makes several optimizer steps (PPO).
     """
-    check_training_config(cfg)
-    train, optim = cfg.train, cfg.optim
-    micro, accum = int(train.micro_batch_size), int(train.grad_accum)
+    train, optim = check_training_config(cfg)
+    micro, accum = train.micro_batch_size, train.grad_accum
     zero = OmegaConf.to_container(cfg.zero, resolve=True)
-    total = int(optimizer_steps or train.max_steps)
-    warmup = max(1, min(int(optim.warmup_steps), total - 1))  # DeepSpeed's schedule needs >= 1 (1 step ≈ none)
+    total = optimizer_steps or train.max_steps
+    warmup = max(1, min(optim.warmup_steps, total - 1))  # DeepSpeed's schedule needs >= 1 (1 step ≈ none)
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        "gradient_clipping": float(optim.grad_clip),
+        "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": float(optim.lr), "betas": list(optim.betas), "eps": float(optim.eps),
-                       "weight_decay": float(optim.weight_decay), "torch_adam": bool(optim.torch_adam)},
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                       "weight_decay": optim.weight_decay, "torch_adam": optim.torch_adam},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {"total_num_steps": total, "warmup_num_steps": warmup,
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": float(optim.min_lr_ratio),
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": optim.min_lr_ratio,
                        "warmup_type": "linear"},
         },
         "steps_per_print": 10**9,  # palmrl logs itself
@@ -205,7 +204,8 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.model_config, self.tokenizer, self.parent = dict(model_config), tokenizer, parent
         self.tokens_per_step = tokens_per_step
-        self.max_steps = int(cfg.train.max_steps)
+        self.train, self.optim = check_training_config(cfg)  # typed once; the loop reads these
+        self.max_steps = self.train.max_steps
         self.step = 0
         self.tokens_seen = 0
         self.hooks = hooks or Hooks()
@@ -217,11 +217,9 @@ class Trainer:
         config = ds_config(cfg, dist_info.world_size, optimizer_steps)
         self._check_out_dir()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, model_parameters=param_groups(module, float(cfg.optim.weight_decay)), config=config)
+            model=module, model_parameters=param_groups(module, self.optim.weight_decay), config=config)
         self.engine.checkpoint_engine.load = safe_load
         _skip_nonfinite_steps(self.engine)
-        self.on_nonfinite = str(cfg.train.get("on_nonfinite", "skip"))
-        self.max_nonfinite_streak = int(cfg.train.get("max_nonfinite_streak", 3))
         self.nonfinite_steps = 0   # steps whose loss or gradients were NaN/Inf (their updates were skipped)
         self._nonfinite_streak = 0
         self._signal: str | None = None
@@ -338,13 +336,13 @@ class Trainer:
         self._barrier()
         if self.dist.is_main:
             write_atomic(self.out_dir / DS_DIR / "latest", tag)
-            checkpoint.prune_steps(self.out_dir, int(self.cfg.train.keep_last))
+            checkpoint.prune_steps(self.out_dir, self.train.keep_last)
             self._prune_ds_tags()
         self._barrier()
         return folder
 
     def _prune_ds_tags(self) -> None:
-        keep = int(self.cfg.train.keep_last)
+        keep = self.train.keep_last
         if keep <= 0:
             return
         tags = sorted(p for p in (self.out_dir / DS_DIR).glob("step-*") if p.is_dir())
@@ -355,7 +353,7 @@ class Trainer:
     def fit(self, step_fn: Callable[[int], Mapping[str, Any]],
             eval_fn: Callable[[], Mapping[str, Any]] | None = None,
             start_rows: Mapping[str, Any] | None = None) -> Path:
-        train = self.cfg.train
+        train = self.train
         start = self.maybe_resume()
         self.tracker.summary(f"palmrl {self.stage}", {
             "output": str(self.out_dir),
@@ -388,20 +386,20 @@ class Trainer:
                     self._nonfinite_step(step, metrics, skipped)
                 else:
                     self._nonfinite_streak = 0
-                if step % int(train.log_every) == 0 or step == self.max_steps or metrics.get("nonfinite"):
+                if step % train.log_every == 0 or step == self.max_steps or metrics.get("nonfinite"):
                     elapsed = time.perf_counter() - window_t
-                    metrics.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else float(self.cfg.optim.lr),
+                    metrics.update(lr=self.scheduler.get_last_lr()[0] if self.scheduler else self.optim.lr,
                                    tokens_per_s=window_tokens / max(elapsed, 1e-9))
                     self.tracker.log(step, metrics)
                     window_t, window_tokens = time.perf_counter(), 0
                 else:
                     self.tracker.advance(step)
-                if eval_fn is not None and int(train.eval_every) > 0 and step % int(train.eval_every) == 0 \
+                if eval_fn is not None and train.eval_every > 0 and step % train.eval_every == 0 \
                         and step != self.max_steps:
                     eval_metrics = self.evaluate(eval_fn)
                 signal_name = (self._signal or "SIGTERM") if stopping else None  # SIGTERM: another rank's
-                stop_here = train.get("stop_after") is not None and step == int(train.stop_after) and step != self.max_steps
-                periodic = int(train.save_every) > 0 and step % int(train.save_every) == 0 and step != self.max_steps
+                stop_here = train.stop_after is not None and step == train.stop_after and step != self.max_steps
+                periodic = train.save_every > 0 and step % train.save_every == 0 and step != self.max_steps
                 if (periodic or stop_here or signal_name) and step != self.max_steps:
                     self.save(metrics=eval_metrics)
                 if signal_name and step != self.max_steps:
@@ -432,8 +430,8 @@ class Trainer:
         self._nonfinite_streak += 1
         what = f"loss became {loss}" if bad_loss else "gradients were NaN/Inf"
         metrics.update(nonfinite=1, nonfinite_steps=self.nonfinite_steps, skipped_updates=skipped_updates)
-        if self.on_nonfinite == "stop" or self._nonfinite_streak >= self.max_nonfinite_streak:
-            why = "train.on_nonfinite=stop" if self.on_nonfinite == "stop" else \
+        if self.train.on_nonfinite == "stop" or self._nonfinite_streak >= self.train.max_nonfinite_streak:
+            why = "train.on_nonfinite=stop" if self.train.on_nonfinite == "stop" else \
                 f"{self._nonfinite_streak} such steps in a row (train.max_nonfinite_streak)"
             raise TrainingDiverged(f"{self.stage}: {what} at step {step} ({why}); {self.last_good()} "
                                    f"(lower optim.lr or raise optim.warmup_steps)")

@@ -1,22 +1,18 @@
-"""SFT data: record formats and errors, length policy, collate targets, packing masks, batches."""
+"""SFT data: record formats and errors, length policy, collate targets, batches."""
 
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from palmrl import tasks
 from palmrl.data.chat import Rendered, render_chat
 from palmrl.data.instructions import (
     IGNORE_INDEX,
-    SFTBatches,
+    ShuffledBatches,
     build_sft_examples,
     collate_sft,
     load_instruction_records,
-    pack_sft,
-    packed_attention_mask,
-    segment_positions,
 )
 from palmrl.errors import UserError
 from palmrl.tokenizer import byte_tokenizer
@@ -128,7 +124,6 @@ def test_collate_targets_are_shifted_and_masked(tok):
     # row 1 is one token shorter: right padding, no loss there
     assert batch.tokens[1, -1] == tok.pad_id and batch.targets[1, -3:].tolist() == [eos, -100, -100]
     assert batch.attention_mask.tolist() == [[True] * 8, [True] * 7 + [False]]
-    assert batch.segment_ids.tolist() == [[1] * 8, [1] * 7 + [0]]
     assert batch.targets.dtype == torch.long
     # in general: target t is token t+1 exactly where token t+1 is trained
     for row, ex in enumerate(examples):
@@ -138,41 +133,10 @@ def test_collate_targets_are_shifted_and_masked(tok):
     assert collate_sft(examples, pad_id=tok.pad_id, max_len=5).tokens.shape == (2, 5)
 
 
-def test_packing_mask_is_block_diagonal_causal(tok):
-    examples = [
-        render_chat(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),  # 6 tokens
-        render_chat(tok, [{"role": "user", "content": "cd"}, {"role": "assistant", "content": "e"}]),  # 7 tokens
-        render_chat(tok, [{"role": "user", "content": "f"}, {"role": "assistant", "content": "gh"}]),  # 7 tokens
-    ]
-    rows = pack_sft(examples, seq_len=14)
-    assert [row.segment_ids for row in rows] == [[1] * 6 + [2] * 7, [1] * 7]
-    batch = collate_sft(rows, pad_id=tok.pad_id)
-    mask = packed_attention_mask(batch.segment_ids)
-    assert mask.shape == (2, 1, 13, 13) and mask.dtype == torch.bool
-    seg = batch.segment_ids[0]
-    for i in range(13):
-        for j in range(13):
-            assert mask[0, 0, i, j] == (j <= i and seg[i] == seg[j])
-    assert not mask[1, 0, :7, 7:].any()  # real tokens never see padding
-    assert mask[1, 0].any(dim=-1).all()  # every query sees something: no NaN rows
-    assert segment_positions(batch.segment_ids)[0].tolist() == list(range(6)) + list(range(7))
-    # targets of the packed row are those of the examples side by side (no target across the seam)
-    single = collate_sft(examples[:2], pad_id=tok.pad_id)
-    assert batch.targets[0].tolist() == single.targets[0, :6].tolist() + single.targets[1, :7].tolist()
-
-    # attention under the packed mask equals attention over each example alone
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 13, 4) for _ in range(3))
-    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:1])
-    first = F.scaled_dot_product_attention(q[..., :6, :], k[..., :6, :], v[..., :6, :], is_causal=True)
-    second = F.scaled_dot_product_attention(q[..., 6:, :], k[..., 6:, :], v[..., 6:, :], is_causal=True)
-    torch.testing.assert_close(packed, torch.cat([first, second], dim=2))
-
-
 def test_sft_batches_are_deterministic_and_sharded(tok):
     examples = [Rendered([tok.bos_id, i + 10, i + 11], [False, True, True]) for i in range(20)]
     val = examples[:5]
-    make = lambda rank, seed=0: SFTBatches(examples, val, batch_size=3, pad_id=tok.pad_id, seed=seed, rank=rank, world_size=2)  # noqa: E731
+    make = lambda rank, seed=0: ShuffledBatches(examples, val, batch_size=3, pad_id=tok.pad_id, seed=seed, rank=rank, world_size=2)  # noqa: E731
     a, b = make(0), make(0)
     assert a.steps_per_epoch == 3
     for step in range(7):
@@ -185,4 +149,4 @@ def test_sft_batches_are_deterministic_and_sharded(tok):
     seen = [row[1].item() for rank in (0, 1) for batch in make(rank).eval_batches() for row in batch.tokens]
     assert sorted(seen) == [ex.tokens[1] for ex in val]  # every val example once across ranks
     with pytest.raises(UserError, match="global batch"):
-        SFTBatches(examples[:5], batch_size=3, pad_id=0, world_size=2)
+        ShuffledBatches(examples[:5], batch_size=3, pad_id=0, world_size=2)

@@ -13,7 +13,6 @@ from palmrl.model import (
     add_lora,
     freeze_except_lora,
     load_lora_state_dict,
-    lora_parameters,
     lora_scope,
     lora_scopes,
     lora_state_dict,
@@ -36,7 +35,7 @@ def base_model() -> PaLM:
 def train_scope(model: PaLM, scope: str, steps: int = 3) -> None:
     """A few AdamW steps on the scope's adapters only."""
     freeze_except_lora(model, scope)
-    opt = torch.optim.AdamW(lora_parameters(model, scope), lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with lora_scope(model, scope):
         for _ in range(steps):
             logits = model(TOKENS[:, :-1])
@@ -54,7 +53,7 @@ def test_names_and_wrapping():
     assert "layers.0.attn_out.lora_A.critic" in names and "layers.0.fused_proj.lora_A.critic" not in names
     assert isinstance(model.layers[0].fused_proj, LoRALinear)
     assert lora_scopes(model) == ["actor", "critic"]
-    assert len(lora_parameters(model, "critic")) == 2 * CONFIG.depth
+    assert sum(name.endswith(".critic") for name, _ in model.named_parameters()) == 2 * CONFIG.depth
     # the base weight keeps its name: a plain PaLM state dict loads into the LoRA model
     base_state = base_model().state_dict()
     missing, unexpected = model.load_state_dict(base_state, strict=False)
@@ -173,12 +172,10 @@ def test_errors():
         add_lora(model, "actor", LoRAConfig(targets=("q_proj",)))
     with pytest.raises(UserError, match="lora.rank"):
         LoRAConfig(rank=0)
-    with pytest.raises(UserError, match="lora.ranks"):
-        LoRAConfig.from_dict({"ranks": 4})
     add_lora(model, "actor", LoRAConfig())
     with pytest.raises(UserError, match="actor"):
         add_lora(model, "actor", LoRAConfig())
-    assert LoRAConfig.from_dict({"rank": 4, "targets": ["ff_out"]}).targets == ("ff_out",)
+    assert LoRAConfig(rank=4, targets=["ff_out"]).targets == ("ff_out",)
 
 
 def test_bf16_base_with_adapters():

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from palmrl.errors import UserError
-from palmrl.model import KVCache, ModelConfig, PaLM, ScalarHead, gather_last
+from palmrl.model import KVCache, ModelConfig, PaLM, ScalarHead
 from palmrl.model.palm import attend_bmm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -207,14 +207,8 @@ def test_config_round_trip():
     assert ModelConfig.from_dict(config.to_dict()) == config
 
 
-def test_scalar_head_and_gather_last():
+def test_scalar_head():
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
-    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
-    last = gather_last(hidden, mask)
-    assert torch.equal(last, torch.stack([hidden[0, 2], hidden[1, 3]]))
-    with pytest.raises(ValueError):
-        gather_last(hidden, torch.zeros(2, 4, dtype=torch.bool))
-
     head = ScalarHead(3)
     assert head(hidden).shape == (2, 4, 1) and torch.equal(head(hidden), torch.zeros(2, 4, 1))
-    assert ScalarHead(3, num_outputs=5)(last).shape == (2, 5)
+    assert ScalarHead(3, num_outputs=5)(hidden[:, -1]).shape == (2, 5)

@@ -11,7 +11,6 @@ from palmrl.data.preferences import (
     PreferencePair,
     RatedResponse,
     collate_pairs,
-    collate_prompts,
     collate_ratings,
     embedded_task_pairs,
     load_preference_pairs,
@@ -153,11 +152,7 @@ def test_collate_pairs(tok):
     assert long.chosen_tokens[0, -4:].tolist() == tok.encode("yes") + [tok.eos_id] and long.chosen_last[0] == 15
 
 
-def test_collate_ratings_and_prompts(tok):
+def test_collate_ratings(tok):
     batch = collate_ratings(tok, [RatedResponse("a", "b", 1), RatedResponse("a", "longer", 3)], max_len=32)
     assert batch.labels.tolist() == [0, 2]
     assert [batch.tokens[b, batch.last[b]].item() for b in range(2)] == [tok.eos_id] * 2
-    prompts = collate_prompts(tok, ["a", "abc"], max_len=32)
-    assert prompts.tokens[:, -1].tolist() == [tok.token_id("<|assistant|>")] * 2  # left-padded
-    assert prompts.attention_mask.tolist() == [[False, False, True, True, True, True], [True] * 6]
-    assert prompts.tokens[0, :2].tolist() == [tok.pad_id] * 2

@@ -13,10 +13,6 @@ conversations (first speaker = user);
 `data.val_path` / `data.val_split` when given, otherwise a stable hash of each record holds out
 `data.val_fraction` of it (test falls back to val). The chatterbot corpus is not installed, so
 it is not offered.
-
-Packing (optional) puts several examples in one row; `segment_ids` mark them so that
-`packed_attention_mask` gives a block-diagonal causal mask and `segment_positions` restarts
-positions per example — no token ever attends across examples.
 """
 
 from __future__ import annotations
@@ -232,14 +228,6 @@ def build_sft_examples(tokenizer, records: Sequence[Mapping], *, max_len: int) -
     return examples, stats
 
 
-class Packed(NamedTuple):
-    """Several rendered examples in one row; `segment_ids` numbers them 1, 2, … (0 = padding)."""
-
-    tokens: list[int]  # (T,)
-    loss_mask: list[bool]  # (T,)
-    segment_ids: list[int]  # (T,)
-
-
 class SFTBatch(NamedTuple):
     """A right-padded SFT batch. Right padding is safe for training: causal attention never lets a
     real token see the padding after it, and padding carries no loss."""
@@ -247,74 +235,33 @@ class SFTBatch(NamedTuple):
     tokens: torch.Tensor  # (B, T) long, pad_id after each row's end
     targets: torch.Tensor  # (B, T) long, next token where it is a trained token, else -100
     attention_mask: torch.Tensor  # (B, T) bool, True on real tokens
-    segment_ids: torch.Tensor  # (B, T) long, example number within the row (1 when unpacked), 0 on padding
 
 
-def pack_sft(examples: Sequence[Rendered], *, seq_len: int) -> list[Packed]:
-    """Greedy next-fit packing in the given order (deterministic); longer examples are cut to seq_len."""
-    rows: list[Packed] = []
-    tokens, loss_mask, segments = [], [], []
-    for example in examples:
-        ex_tokens, ex_mask = list(example.tokens[:seq_len]), list(example.loss_mask[:seq_len])
-        if tokens and len(tokens) + len(ex_tokens) > seq_len:
-            rows.append(Packed(tokens, loss_mask, segments))
-            tokens, loss_mask, segments = [], [], []
-        segment = (segments[-1] + 1) if segments else 1
-        tokens, loss_mask, segments = tokens + ex_tokens, loss_mask + ex_mask, segments + [segment] * len(ex_tokens)
-    if tokens:
-        rows.append(Packed(tokens, loss_mask, segments))
-    return rows
-
-
-def collate_sft(examples: Sequence[Rendered | Packed], *, pad_id: int, max_len: int | None = None) -> SFTBatch:
+def collate_sft(examples: Sequence[Rendered], *, pad_id: int, max_len: int | None = None) -> SFTBatch:
     """Right-pad to the longest row (cut at max_len); targets are the next token where it is trained."""
-    # an unpacked example is a single segment
-    segments_of = lambda ex: list(getattr(ex, "segment_ids", [1] * len(ex.tokens)))  # noqa: E731
-    rows = [(list(ex.tokens), list(ex.loss_mask), segments_of(ex)) for ex in examples]
+    rows = [(list(ex.tokens), list(ex.loss_mask)) for ex in examples]
     if max_len is not None:
-        rows = [(t[:max_len], m[:max_len], s[:max_len]) for t, m, s in rows]
-    T = max(len(t) for t, _, _ in rows)
+        rows = [(t[:max_len], m[:max_len]) for t, m in rows]
+    T = max(len(t) for t, _ in rows)
     B = len(rows)
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
-    segment_ids = torch.zeros(B, T, dtype=torch.long)
-    for b, (t, m, s) in enumerate(rows):
+    attention_mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, (t, m) in enumerate(rows):
         tokens[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         loss_mask[b, : len(m)] = torch.tensor(m, dtype=torch.bool)
-        segment_ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[b, : len(t)] = True
 
-    # position t predicts token t+1: trained only if that token is, and in the same example
-    trained_next = loss_mask[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])  # (B, T-1)
+    # position t predicts token t+1: trained only if that token is (padding never is)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    targets[:, :-1] = torch.where(trained_next, tokens[:, 1:], IGNORE_INDEX)
-    return SFTBatch(tokens, targets, segment_ids > 0, segment_ids)
+    targets[:, :-1] = torch.where(loss_mask[:, 1:], tokens[:, 1:], IGNORE_INDEX)
+    return SFTBatch(tokens, targets, attention_mask)
 
 
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask (True = may attend): query i sees key j iff j <= i, same segment.
-
-    Padding (segment 0) attends to earlier padding only, so no row is all-False (no NaN softmax)
-    and no real token ever sees padding or another example.
-    """
-    T = segment_ids.shape[-1]
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
-    return (same_segment & causal)[:, None]  # (B, 1, T, T)
-
-
-def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Positions that restart at 0 at the start of every segment (for rotary embeddings)."""
-    B, T = segment_ids.shape
-    index = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
-    return index - segment_start
-
-
-class SFTBatches:
-    """Deterministic SFT batches, like pretraining: `batch(step)` is a pure function of
-    (seed, step, rank, world_size) over a seeded permutation per epoch.
+class ShuffledBatches:
+    """Deterministic batches of any list, like pretraining: `indices(step)` is a pure function of
+    (seed, step, rank, world_size) over a seeded permutation per epoch. SFT collates its rendered
+    examples with `batch(step)`; reward pairs and PPO prompts take `indices(step)` and collate their own.
 
     Each step takes `batch_size * world_size` examples (the global micro-batch) from the epoch's
     permutation; rank r takes its own `batch_size` slice. The last partial global batch of an
@@ -323,8 +270,8 @@ class SFTBatches:
 
     def __init__(
         self,
-        train: Sequence[Rendered | Packed],
-        val: Sequence[Rendered | Packed] = (),
+        train: Sequence[Rendered],
+        val: Sequence[Rendered] = (),
         *,
         batch_size: int,
         pad_id: int,

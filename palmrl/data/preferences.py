@@ -29,7 +29,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 
 from palmrl import tasks as task_lib
-from palmrl.data.chat import as_messages, render_chat, render_prompt
+from palmrl.data.chat import as_messages, render_chat
 from palmrl.data.embedded import SPEAKERS, chitchat_conversations
 from palmrl.data.instructions import file_records, record_messages, source_kind, split_size
 from palmrl.errors import UserError
@@ -312,13 +312,6 @@ class RatingBatch(NamedTuple):
     labels: torch.Tensor  # (B,) long, rating - 1 in 0..num_bins-1
 
 
-class PromptBatch(NamedTuple):
-    """Generation prompts, LEFT-padded so every row's next token is at position T."""
-
-    tokens: torch.Tensor  # (B, T) long
-    attention_mask: torch.Tensor  # (B, T) bool
-
-
 def _fit(tokens: list[int], max_len: int, bos_id: int) -> list[int]:
     """Keep bos and the last max_len-1 tokens: the reply's end, where the reward is read, survives."""
     return tokens if len(tokens) <= max_len else [bos_id] + tokens[len(tokens) - max_len + 1 :]
@@ -362,9 +355,3 @@ def collate_ratings(tokenizer, rated: Sequence[RatedResponse], max_len: int) -> 
     tokens, mask = _pad(rows, tokenizer.pad_id, max(len(row) for row in rows))
     last = torch.tensor([len(row) - 1 for row in rows], dtype=torch.long)
     return RatingBatch(tokens, mask, last, torch.tensor([r.rating - 1 for r in rated], dtype=torch.long))
-
-
-def collate_prompts(tokenizer, prompts: Sequence[Prompt], max_len: int) -> PromptBatch:
-    """Generation prompts (ending with `<|assistant|>`), left-padded; long ones keep bos and their end."""
-    rows = [_fit(render_prompt(tokenizer, as_messages(p)), max_len, tokenizer.bos_id) for p in prompts]
-    return PromptBatch(*_pad(rows, tokenizer.pad_id, max(len(row) for row in rows), left=True))

@@ -3,12 +3,11 @@
 As in InstructGPT (https://arxiv.org/abs/2203.02155) and lucidrains PaLM-rlhf-pytorch, a head is a
 single linear layer on the trunk's final-normed hidden states (the trunk already ends in a
 LayerNorm, so the head adds none). The reward model reads it at the last real token of each
-sequence (`gather_last`); the value head reads it at every token.
+sequence (`palmrl.reward.last_positions`); the value head reads it at every token.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
@@ -30,18 +29,3 @@ class ScalarHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """hidden (..., D) -> (..., num_outputs)."""
         return self.proj(hidden)
-
-
-def gather_last(hidden: Tensor, mask: Tensor) -> Tensor:
-    """hidden (B, T, D), mask (B, T) bool -> (B, D): the hidden state at each row's last True position.
-
-    With left-padded prompts and responses masked after EOS, that is the last real token (the EOS
-    itself when the response ended). Every row needs at least one True.
-    """
-    mask = mask.bool()
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("gather_last: a row of the mask has no True position")
-    T = mask.shape[1]
-    positions = torch.arange(T, device=mask.device).expand_as(mask)
-    last = torch.where(mask, positions, -1).amax(dim=1)  # (B,)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +53,6 @@ class LoRAConfig:
             raise UserError(f"lora.targets must be a non-empty list of module names, got {self.targets!r}")
         self.alpha, self.dropout = float(self.alpha), float(self.dropout)
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> LoRAConfig:
-        """Build from a mapping (YAML / DictConfig); an unknown key raises UserError naming it."""
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise UserError(f"lora.{key} is not a LoRA setting (known: {', '.join(sorted(known))})")
-        return cls(**{key: d[key] for key in d})
 
 
 class LoRALinear(nn.Linear):
@@ -160,13 +152,6 @@ def lora_scopes(model: nn.Module) -> list[str]:
     for module in _lora_modules(model):
         scopes.update(dict.fromkeys(module.lora_A.keys()))
     return list(scopes)
-
-
-def lora_parameters(model: nn.Module, scope: str) -> list[nn.Parameter]:
-    """The A and B parameters of one scope (what its optimizer trains)."""
-    if scope not in lora_scopes(model):
-        raise UserError(f"LoRA scope {scope!r} does not exist (have: {lora_scopes(model)})")
-    return [p for name, p in model.named_parameters() if _is_lora(name, scope)]
 
 
 def _is_lora(name: str, scope: str | None) -> bool:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from palmrl import checkpoint, rl, tasks
 from palmrl.data.chat import as_messages, clean_response, render_prompt
-from palmrl.data.instructions import SFTBatches
+from palmrl.data.instructions import ShuffledBatches
 from palmrl.data.preferences import load_prompts
 from palmrl.engine import Hooks, Trainer
 from palmrl.errors import TrainingDiverged, UserError
@@ -227,7 +227,7 @@ def run(cfg: DictConfig) -> Path:
     if too_long:
         raise UserError(f"data: prompt #{too_long[0]} has {len(prompt_ids[too_long[0]])} tokens; with "
                         f"ppo.max_new_tokens={max_new} it exceeds model.max_seq_len={model_config.max_seq_len}")
-    order = SFTBatches(prompts, batch_size=rollout_batch // per_prompt, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
+    order = ShuffledBatches(prompts, batch_size=rollout_batch // per_prompt, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
                        rank=dist.rank, world_size=dist.world_size)
 
     kl_ctl = (rl.AdaptiveKLController(float(p.kl_coef), float(p.kl_target), int(p.kl_horizon))

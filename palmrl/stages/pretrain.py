@@ -8,6 +8,7 @@ unigram model fitted on the training tokens: the baseline any language model mus
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from palmrl import checkpoint
+from palmrl.config import Invalid, typed
 from palmrl.data.sources import load_texts, source_fingerprint
 from palmrl.data.tokens import TokenBatches, build_token_shards
 from palmrl.engine import Trainer
@@ -39,59 +41,98 @@ def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def run(cfg: DictConfig) -> Path:
-    dist = init_distributed()
-    seed_everything(int(cfg.seed))
-    if cfg.model.get("family") == "hf":
-        raise UserError("model=hf: pretrain builds a PaLM; start from a Hugging Face model with "
-                        "`palmrl sft model=hf model.path=...`")
-    if cfg.data.get("kind") != "text":
-        raise UserError(f"data: pretrain needs a text source (data=embedded|local|hf|pile), got kind={cfg.data.get('kind')}")
+@dataclass(frozen=True)
+class PretrainSettings:
+    """The pretrain stage's own `train:` keys (the shared ones are the Trainer's)."""
 
-    # the tokenizer: from init_from's checkpoint when continuing, else tokenizer.path (trained if missing)
-    parent = None
-    if cfg.init_from:
-        parent = checkpoint.load(cfg.init_from, key="init_from", stages=["pretrain"])
-        tokenizer, model_config = parent.tokenizer(), ModelConfig.from_dict(parent.model_config)
-    else:
-        tokenizer, model_config = tokenizer_for_training(cfg, dist.is_main), ModelConfig.from_dict(cfg.model)
-    check_vocab(tokenizer, model_config, where=str(parent.path if parent else cfg.tokenizer.path))
-    seq_len = int(cfg.train.seq_len)
-    if seq_len > model_config.max_seq_len:
-        raise UserError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({model_config.max_seq_len})")
+    seq_len: int  # tokens per training window
+    eval_batches: int  # validation batches per pass
 
-    # tokenise once; cached by content + tokenizer
-    splits = build_token_shards(lambda: load_texts(cfg.data), tokenizer, fingerprint=source_fingerprint(cfg.data),
-                                cache_dir=Path(str(cfg.cache_dir)).expanduser() / "tokens",
-                                val_fraction=float(cfg.data.val_fraction), is_writer=dist.is_main)
-    micro, accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accum)
-    batches = TokenBatches(splits.train, seq_len=seq_len, batch_size=micro, seed=int(cfg.seed),
-                           rank=dist.rank, world_size=dist.world_size)
-    val = TokenBatches(splits.val, seq_len=seq_len, batch_size=micro, seed=int(cfg.seed))
-    baseline = unigram_loss(np.asarray(splits.train), np.asarray(splits.val), tokenizer.vocab_size)
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "eval_batches"):
+            if getattr(self, key) <= 0:
+                raise Invalid(key, f"must be positive, got {getattr(self, key)}")
 
-    model = PaLM(model_config)
-    if parent is not None:
-        checkpoint.load_trunk_weights(model, parent.weights(), where=str(parent.path))
-    trainer = Trainer(cfg, dist, model, stage="pretrain", model_config=model_config.to_dict(),
-                      tokenizer=tokenizer, parent=parent,
-                      tokens_per_step=micro * accum * dist.world_size * seq_len)
-    engine, device = trainer.engine, dist.device
 
-    def step_fn(step: int) -> dict:
-        losses = []
+class PretrainRecipe:
+    """build_tokenizer → build_data → build_model, then `step` and `evaluate` on the shared loop."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.settings = typed(PretrainSettings, cfg.train, key="train")
+        self.dist = init_distributed()
+        seed_everything(int(cfg.seed))
+        if cfg.model.get("family") == "hf":
+            raise UserError("model=hf: pretrain builds a PaLM; start from a Hugging Face model with "
+                            "`palmrl sft model=hf model.path=...`")
+        if cfg.data.get("kind") != "text":
+            raise UserError(f"data: pretrain needs a text source (data=embedded|local|hf|pile), "
+                            f"got kind={cfg.data.get('kind')}")
+
+    def build_tokenizer(self) -> None:
+        """From init_from's checkpoint when continuing, else tokenizer.path (trained there if missing)."""
+        cfg = self.cfg
+        self.parent = None
+        if cfg.init_from:
+            self.parent = checkpoint.load(cfg.init_from, key="init_from", stages=["pretrain"])
+            self.tokenizer, self.model_config = self.parent.tokenizer(), ModelConfig.from_dict(self.parent.model_config)
+        else:
+            self.tokenizer = tokenizer_for_training(cfg, self.dist.is_main)
+            self.model_config = ModelConfig.from_dict(cfg.model)
+        check_vocab(self.tokenizer, self.model_config,
+                    where=str(self.parent.path if self.parent else cfg.tokenizer.path))
+        if self.settings.seq_len > self.model_config.max_seq_len:
+            raise UserError(f"train.seq_len ({self.settings.seq_len}) exceeds model.max_seq_len "
+                            f"({self.model_config.max_seq_len})")
+
+    def build_data(self) -> None:
+        """Tokenise once (cached by content + tokenizer); windows are a pure function of the step."""
+        cfg, dist, seq_len = self.cfg, self.dist, self.settings.seq_len
+        self.splits = build_token_shards(lambda: load_texts(cfg.data), self.tokenizer,
+                                         fingerprint=source_fingerprint(cfg.data),
+                                         cache_dir=Path(str(cfg.cache_dir)).expanduser() / "tokens",
+                                         val_fraction=float(cfg.data.val_fraction), is_writer=dist.is_main)
+        micro = int(cfg.train.micro_batch_size)
+        self.batches = TokenBatches(self.splits.train, seq_len=seq_len, batch_size=micro, seed=int(cfg.seed),
+                                    rank=dist.rank, world_size=dist.world_size)
+        self.val = TokenBatches(self.splits.val, seq_len=seq_len, batch_size=micro, seed=int(cfg.seed))
+        self.baseline = unigram_loss(np.asarray(self.splits.train), np.asarray(self.splits.val),
+                                     self.tokenizer.vocab_size)
+
+    def build_model(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        model = PaLM(self.model_config)
+        if self.parent is not None:
+            checkpoint.load_trunk_weights(model, self.parent.weights(), where=str(self.parent.path))
+        micro, accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accum)
+        self.trainer = Trainer(cfg, dist, model, stage="pretrain", model_config=self.model_config.to_dict(),
+                               tokenizer=self.tokenizer, parent=self.parent,
+                               tokens_per_step=micro * accum * dist.world_size * self.settings.seq_len)
+        self.engine = self.trainer.engine
+
+    def step(self, step: int) -> dict:
+        accum, losses = self.trainer.train.grad_accum, []
         for micro_step in range(accum):
-            tokens = batches.batch((step - 1) * accum + micro_step).to(device)
-            loss = lm_loss(engine, tokens)
-            trainer.backward_step(loss)
+            tokens = self.batches.batch((step - 1) * accum + micro_step).to(self.dist.device)
+            loss = lm_loss(self.engine, tokens)
+            self.trainer.backward_step(loss)
             losses.append(loss.item())
         return {"loss": sum(losses) / len(losses)}
 
-    def eval_fn() -> dict:
-        losses = [lm_loss(engine, tokens.to(device)).item() for tokens in val.eval_batches(int(cfg.train.eval_batches))]
+    def evaluate(self) -> dict:
+        losses = [lm_loss(self.engine, tokens.to(self.dist.device)).item()
+                  for tokens in self.val.eval_batches(self.settings.eval_batches)]
         loss = sum(losses) / len(losses)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "unigram_loss": baseline}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "unigram_loss": self.baseline}
 
-    return trainer.fit(step_fn, eval_fn, start_rows={
-        "train tokens": f"{len(splits.train):,}", "val tokens": f"{len(splits.val):,}",
-        "unigram baseline loss": round(baseline, 4)})
+    def run(self) -> Path:
+        self.build_tokenizer()
+        self.build_data()
+        self.build_model()
+        return self.trainer.fit(self.step, self.evaluate, start_rows={
+            "train tokens": f"{len(self.splits.train):,}", "val tokens": f"{len(self.splits.val):,}",
+            "unigram baseline loss": round(self.baseline, 4)})
+
+
+def run(cfg: DictConfig) -> Path:
+    return PretrainRecipe(cfg).run()

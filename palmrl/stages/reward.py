@@ -7,12 +7,15 @@ The distribution (mean, std over held-out replies) lets PPO and best-of-n normal
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from omegaconf import DictConfig
 
-from palmrl.data.instructions import SFTBatches
+from palmrl.config import Invalid, typed
+from palmrl.data.instructions import ShuffledBatches
 from palmrl.data.preferences import (collate_pairs, collate_ratings, load_preference_pairs, load_ratings,
                                      policy_task_pairs)
 from palmrl.engine import Hooks, Trainer
@@ -41,89 +44,143 @@ def with_policy_negatives(palm, tokenizer, cfg: DictConfig, share: float, train:
     return mixed[0], mixed[1]
 
 
-def run(cfg: DictConfig) -> Path:
-    dist = init_distributed()
-    seed_everything(int(cfg.seed))
-    objective = str(cfg.reward.objective)
-    want = {"pairwise": "preferences", "binned": "ratings"}.get(objective)
-    if want is None:
-        raise UserError(f"reward.objective must be pairwise or binned, got '{objective}'")
-    if cfg.data.get("kind") != want:
-        raise UserError(f"data: reward.objective={objective} needs {want} data "
-                        f"({'data=prefs|my_prefs' if want == 'preferences' else 'data=ratings'}), got kind={cfg.data.get('kind')}")
+@dataclass(frozen=True)
+class RewardSettings:
+    """The `reward:` section, typed once (reasons in configs/reward.yaml)."""
 
-    palm, model_config, tokenizer, parent, source = policy_source(cfg, "init_from", ["sft", "pretrain"])
-    lora = apply_lora(palm, cfg.lora, SCOPE)
-    model = RewardModel(palm, objective=objective, num_bins=int(cfg.reward.num_bins))
-    max_len = int(cfg.train.max_len)
-    if max_len > model_config.max_seq_len:
-        raise UserError(f"train.max_len ({max_len}) exceeds the model's max_seq_len ({model_config.max_seq_len})")
+    objective: Literal["pairwise", "binned"]
+    margin: float
+    num_bins: int
 
-    # data
-    num_bins = int(cfg.reward.num_bins)
-    if objective == "pairwise":
-        train_items, stats = load_preference_pairs(cfg.data, "train")
-        val_items, val_stats = load_preference_pairs(cfg.data, "val")
-        stats = {**stats, "val_dropped_identical": val_stats["dropped_identical"]}
-        share = float(cfg.data.get("policy_negatives") or 0.0)
-        if share > 0:
-            if str(cfg.data.get("source")) != "tasks":
-                raise UserError("data.policy_negatives needs data.source=tasks (the checker labels the samples)")
-            train_items, val_items = with_policy_negatives(palm, tokenizer, cfg, share, train_items, val_items)
-            stats["policy_negative_pairs"] = {"train": len(train_items), "val": len(val_items)}
-        collate = lambda items: collate_pairs(tokenizer, items, max_len)  # noqa: E731
-    else:
-        train_items, val_items = load_ratings(cfg.data, "train", num_bins), load_ratings(cfg.data, "val", num_bins)
-        stats = {"total": len(train_items)}
-        collate = lambda items: collate_ratings(tokenizer, items, max_len)  # noqa: E731
-    micro, accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accum)
-    order = SFTBatches(train_items, batch_size=micro, pad_id=tokenizer.pad_id, seed=int(cfg.seed),
-                       rank=dist.rank, world_size=dist.world_size)
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise Invalid("margin", f"must be >= 0, got {self.margin}")
+        if self.num_bins < 2:
+            raise Invalid("num_bins", f"must be >= 2, got {self.num_bins}")
 
-    reward_spec = {"objective": objective, "num_bins": num_bins, "pooling": "last", "margin": float(cfg.reward.margin)}
-    trainer = Trainer(cfg, dist, model, stage="reward", model_config=model_config.to_dict(), tokenizer=tokenizer,
-                      parent=parent, tokens_per_step=micro * accum * dist.world_size * max_len,
-                      hooks=Hooks(export=export_reward),
-                      manifest_extra={"lora": lora, "reward": reward_spec, "data_stats": stats, **source})
-    engine, device = trainer.engine, dist.device
 
-    def loss_of(batch):
-        if objective == "pairwise":
+@dataclass(frozen=True)
+class ReplyLength:
+    """The reward stage's own `train:` key."""
+
+    max_len: int  # tokens per prompt + reply
+
+    def __post_init__(self) -> None:
+        if self.max_len <= 0:
+            raise Invalid("max_len", f"must be positive, got {self.max_len}")
+
+
+class RewardRecipe:
+    """build_model → build_data → build_trainer, then `step` and `evaluate` on the shared loop."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.settings = typed(RewardSettings, cfg.reward, key="reward")
+        self.max_len = typed(ReplyLength, cfg.train, key="train").max_len
+        objective = self.settings.objective
+        want = {"pairwise": "preferences", "binned": "ratings"}[objective]
+        if cfg.data.get("kind") != want:
+            raise UserError(f"data: reward.objective={objective} needs {want} data "
+                            f"({'data=prefs|my_prefs' if want == 'preferences' else 'data=ratings'}), "
+                            f"got kind={cfg.data.get('kind')}")
+        self.pairwise = objective == "pairwise"
+        self.dist = init_distributed()
+        seed_everything(int(cfg.seed))
+
+    def build_model(self) -> None:
+        """The sft policy's trunk (full, or LoRA in the `reward` scope) under a scalar or binned head."""
+        s = self.settings
+        self.palm, self.model_config, self.tokenizer, self.parent, self.source = policy_source(
+            self.cfg, "init_from", ["sft", "pretrain"])
+        self.lora = apply_lora(self.palm, self.cfg.lora, SCOPE)
+        self.model = RewardModel(self.palm, objective=s.objective, num_bins=s.num_bins)
+        if self.max_len > self.model_config.max_seq_len:
+            raise UserError(f"train.max_len ({self.max_len}) exceeds the model's max_seq_len "
+                            f"({self.model_config.max_seq_len})")
+
+    def build_data(self) -> None:
+        cfg, tokenizer, max_len = self.cfg, self.tokenizer, self.max_len
+        if self.pairwise:
+            train_items, stats = load_preference_pairs(cfg.data, "train")
+            val_items, val_stats = load_preference_pairs(cfg.data, "val")
+            stats = {**stats, "val_dropped_identical": val_stats["dropped_identical"]}
+            share = float(cfg.data.get("policy_negatives") or 0.0)
+            if share > 0:
+                if str(cfg.data.get("source")) != "tasks":
+                    raise UserError("data.policy_negatives needs data.source=tasks (the checker labels the samples)")
+                train_items, val_items = with_policy_negatives(self.palm, tokenizer, cfg, share, train_items, val_items)
+                stats["policy_negative_pairs"] = {"train": len(train_items), "val": len(val_items)}
+            self.collate = lambda items: collate_pairs(tokenizer, items, max_len)
+        else:
+            num_bins = self.settings.num_bins
+            train_items, val_items = load_ratings(cfg.data, "train", num_bins), load_ratings(cfg.data, "val", num_bins)
+            stats = {"total": len(train_items)}
+            self.collate = lambda items: collate_ratings(tokenizer, items, max_len)
+        self.train_items, self.val_items, self.stats = train_items, val_items, stats
+        self.order = ShuffledBatches(train_items, batch_size=int(cfg.train.micro_batch_size), pad_id=tokenizer.pad_id,
+                                     seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def build_trainer(self) -> None:
+        cfg, dist, s = self.cfg, self.dist, self.settings
+        micro, accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accum)
+        # score_mean/score_std join this entry at every evaluation (PPO and best-of-n normalise by them)
+        self.reward_spec = {"objective": s.objective, "num_bins": s.num_bins, "pooling": "last", "margin": s.margin}
+        self.trainer = Trainer(cfg, dist, self.model, stage="reward", model_config=self.model_config.to_dict(),
+                               tokenizer=self.tokenizer, parent=self.parent,
+                               tokens_per_step=micro * accum * dist.world_size * self.max_len,
+                               hooks=Hooks(export=export_reward),
+                               manifest_extra={"lora": self.lora, "reward": self.reward_spec,
+                                               "data_stats": self.stats, **self.source})
+        self.engine = self.trainer.engine
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(loss, scalar stats, the batch's scores) for a pair or rating batch."""
+        device = self.dist.device
+        if self.pairwise:
             both = torch.cat([batch.chosen_tokens, batch.rejected_tokens]).to(device)  # one forward for both halves
             last = torch.cat([batch.chosen_last, batch.rejected_last]).to(device)
-            chosen, rejected = engine(both, last).chunk(2)
-            out = pairwise_loss(chosen, rejected, float(cfg.reward.margin))
+            chosen, rejected = self.engine(both, last).chunk(2)
+            out = pairwise_loss(chosen, rejected, self.settings.margin)
             return out.loss, {"accuracy": out.accuracy.item(), "margin": out.margin.item()}, torch.cat([chosen, rejected])
-        logits = engine(batch.tokens.to(device), batch.last.to(device))
+        logits = self.engine(batch.tokens.to(device), batch.last.to(device))
         out = binned_loss(logits, batch.labels.to(device))
-        return out.loss, {"accuracy": out.accuracy.item(), "rating_mae": out.rating_mae.item()}, model.scores(logits)
+        return out.loss, {"accuracy": out.accuracy.item(), "rating_mae": out.rating_mae.item()}, self.model.scores(logits)
 
-    def step_fn(step: int) -> dict:
-        totals: dict[str, float] = {}
+    def step(self, step: int) -> dict:
+        accum, totals = self.trainer.train.grad_accum, {}
         for micro_step in range(accum):
-            batch = collate([train_items[i] for i in order.indices((step - 1) * accum + micro_step)])
-            loss, stats_, _ = loss_of(batch)
-            trainer.backward_step(loss)
-            for k, v in {"loss": loss.item(), **stats_}.items():
+            batch = self.collate([self.train_items[i] for i in self.order.indices((step - 1) * accum + micro_step)])
+            loss, stats, _ = self.loss(batch)
+            self.trainer.backward_step(loss)
+            for k, v in {"loss": loss.item(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
         return totals
 
-    def eval_fn() -> dict:
+    def evaluate(self) -> dict:
+        micro, val_items = self.trainer.train.micro_batch_size, self.val_items
         sums: dict[str, float] = {}
         scores = []
         for start in range(0, len(val_items), micro):
             chunk = val_items[start:start + micro]
-            loss, stats_, batch_scores = loss_of(collate(chunk))
-            for k, v in {"loss": loss.item(), **stats_}.items():
+            loss, stats, batch_scores = self.loss(self.collate(chunk))
+            for k, v in {"loss": loss.item(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v * len(chunk)
             scores.append(batch_scores.detach().float().cpu())
         metrics = {k: v / len(val_items) for k, v in sums.items()}
         all_scores = torch.cat(scores)
         metrics.update(score_mean=all_scores.mean().item(), score_std=all_scores.std().item())
-        reward_spec.update(score_mean=metrics["score_mean"], score_std=metrics["score_std"])
+        self.reward_spec.update(score_mean=metrics["score_mean"], score_std=metrics["score_std"])
         return metrics
 
-    return trainer.fit(step_fn, eval_fn, start_rows={
-        "objective": objective, "train items": f"{len(train_items):,}", "val items": f"{len(val_items):,}",
-        "dropped identical pairs": stats.get("dropped_identical", 0),
-        "LoRA": f"rank {lora['scopes'][SCOPE]['rank']}" if lora else "none (full fine-tuning)"})
+    def run(self) -> Path:
+        self.build_model()
+        self.build_data()
+        self.build_trainer()
+        return self.trainer.fit(self.step, self.evaluate, start_rows={
+            "objective": self.settings.objective, "train items": f"{len(self.train_items):,}",
+            "val items": f"{len(self.val_items):,}", "dropped identical pairs": self.stats.get("dropped_identical", 0),
+            "LoRA": f"rank {self.lora['scopes'][SCOPE]['rank']}" if self.lora else "none (full fine-tuning)"})
+
+
+def run(cfg: DictConfig) -> Path:
+    return RewardRecipe(cfg).run()
