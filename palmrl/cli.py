@@ -7,6 +7,7 @@ are taken out of argv before Hydra sees them, and user mistakes end with one lin
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -103,10 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
     if stage in POSITIONAL and overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
         overrides = [f"{POSITIONAL[stage]}={overrides[0]}", *overrides[1:]]
-    if stage == "pipeline":
+    routed: dict[str, list[str]] = {}
+    if stage == "pipeline":  # `sft.lora=r16` is for the sft stage, not for the pipeline's own config
         from palmrl.stages.pipeline import route_overrides
 
-        overrides = route_overrides(overrides)
+        overrides, routed = route_overrides(overrides)
     if not (CONFIG_DIR / f"{stage}.yaml").is_file():
         _fail(f"no config for stage '{stage}' in {CONFIG_DIR} (set PALMRL_CONFIG_DIR)")
 
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         from palmrl.runtime import run_stage
 
         try:
-            return run_stage(stage, cfg, stage_runner(stage), from_cli=True)
+            runner = stage_runner(stage)
+            if stage == "pipeline":
+                runner = functools.partial(runner, routed=routed)
+            return run_stage(stage, cfg, runner, from_cli=True)
         except UserError as err:  # exit here: Hydra would add its own "Error executing job" line
             _fail(str(err), err.exit_code)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -55,3 +57,13 @@ def test_paper_sizes(name, paper):
 def test_palm_1b_pile_stage3_composes():
     cfg = compose("pretrain", ["model=palm_1b", "data=pile", "zero=stage3"])
     assert cfg.zero.stage == 3 and cfg.data.streaming and cfg.model.dim > 1000
+
+
+def test_pipeline_routes_stage_overrides_without_the_environment():
+    from palmrl.stages.pipeline import route_overrides
+
+    before = dict(os.environ)
+    kept, routed = route_overrides(["run_name=x", "sft.lora=r16", "ppo.ppo.kl_coef=0.1", "+sft.extra=1", "model=palm_small"])
+    assert kept == ["run_name=x", "+sft.extra=1", "model=palm_small"]
+    assert routed == {"sft": ["lora=r16"], "ppo": ["ppo.kl_coef=0.1"]}
+    assert dict(os.environ) == before

@@ -7,13 +7,12 @@ with a different config stops the pipeline rather than overwrite it. So rerunnin
 picks up where it stopped.
 
 Per-stage overrides: `sft.lora=r16` on the pipeline's command line reaches `palmrl sft` as
-`lora=r16` (routed by the CLI through PALMRL_PIPELINE_OVERRIDES, see `route_overrides`).
+`lora=r16` (the CLI takes them out with `route_overrides` and hands them to `run`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
@@ -30,13 +29,12 @@ from rich.markup import escape
 from palmrl.tracking import Tracker, console
 
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
-ENV_KEY = "PALMRL_PIPELINE_OVERRIDES"
 IGNORED_KEYS = ("out_dir", "resume", "overwrite", "cache_dir")  # differences here never force a rerun
 
 
-def route_overrides(overrides: list[str]) -> list[str]:
-    """Take `<stage>.<key>=<value>` overrides out for that stage; return the pipeline's own."""
-    routed: dict[str, list[str]] = json.loads(os.environ.get(ENV_KEY, "{}"))
+def route_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split `<stage>.<key>=<value>` overrides out by stage: (the pipeline's own, {stage: overrides})."""
+    routed: dict[str, list[str]] = {}
     kept = []
     for item in overrides:
         head, _, rest = item.partition(".")
@@ -44,8 +42,7 @@ def route_overrides(overrides: list[str]) -> list[str]:
             routed.setdefault(head, []).append(rest)
         else:
             kept.append(item)
-    os.environ[ENV_KEY] = json.dumps(routed)
-    return kept
+    return kept, routed
 
 
 def _value(value) -> str:
@@ -74,7 +71,8 @@ def group_choices() -> dict[str, str]:
     return {group: str(hydra_cfg.runtime.choices[group]) for group in ("model", "zero")}
 
 
-def stage_args(cfg: DictConfig, stage: str, run_dir: Path, choices: dict[str, str]) -> list[str]:
+def stage_args(cfg: DictConfig, stage: str, run_dir: Path, choices: dict[str, str],
+               routed: dict[str, list[str]]) -> list[str]:
     """The command-line overrides one stage gets: chaining paths, shared choices, then the user's."""
     common = [f"run_name={_value(cfg.run_name)}", f"seed={cfg.seed}", f"precision={cfg.precision}",
               f"cache_dir={_value(Path(str(cfg.cache_dir)).expanduser())}"]
@@ -92,7 +90,7 @@ def stage_args(cfg: DictConfig, stage: str, run_dir: Path, choices: dict[str, st
     if stage == "report":
         common = common[:2]
     defaults = list(cfg.stage_overrides.get(stage, []))
-    user = json.loads(os.environ.get(ENV_KEY, "{}")).get(stage, [])
+    user = routed.get(stage, [])
     return [*common, *chain, *defaults, *user]
 
 
@@ -168,7 +166,8 @@ def plan(stage: str, args: list[str], run_dir: Path, *, upstream_changed: bool =
     return "run"
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, routed: dict[str, list[str]] | None = None) -> Path:
+    """Run the chain; `routed` holds the `<stage>.<key>=<value>` overrides of the command line."""
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STAGES)}")
@@ -181,7 +180,7 @@ def run(cfg: DictConfig) -> Path:
     t_start = time.perf_counter()
     rerun_upstream = False
     for stage in stages:
-        args = stage_args(cfg, stage, run_dir, choices)
+        args = stage_args(cfg, stage, run_dir, choices, routed or {})
         action = plan(stage, args, run_dir, upstream_changed=rerun_upstream)
         if action == "skip":
             console.print(f"[bold]pipeline[/] {stage}: already done in {run_dir / stage}, skipped")
