@@ -1,19 +1,62 @@
-"""File helpers every layer may use: content hashes, atomic writes, umask-readable files, and the
-lazy import of `transformers` (an optional heavy dependency only `model=hf` needs).
+"""File helpers every layer may use: JSON-lines reading, content hashes, atomic writes,
+umask-readable files, and the lazy import of `transformers` (only `model=hf` needs it).
 
 Atomic writes go to a temporary name beside the target and are renamed over it, so a reader (or a
 resumed run after kill -9) sees the old file or the new one, never half of either.
+
+JSON lines have one reader and one torn-tail policy: a last line with no newline that does not
+parse is what a crash in the middle of an append leaves, and it is dropped when palmrl wrote the
+file itself (`torn_tail="drop"`: metrics, generated records); in a user's input it is an error like
+any other bad line. Every error names the file and line: not UTF-8, not JSON, nested too deeply,
+not an object.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 from palmrl.errors import UserError
+
+
+MAX_JSON_LINE = 1 << 24  # 16 MiB: a longer line is refused before json sees it
+
+
+def read_jsonl(path: Path, *, key: str, torn_tail: Literal["drop", "error"] = "error") -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of `path`; `key` names the setting that gave it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{key}: no such file: {path}")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = bool(data) and not data.endswith(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        number = index + 1
+        try:
+            if len(raw) > MAX_JSON_LINE:
+                raise ValueError(f"line longer than {MAX_JSON_LINE >> 20} MiB")
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: JSON nested too deeply") from None
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            if torn_tail == "drop" and torn and index == last:
+                break  # a write cut short by a crash: the lines before it are whole
+            message = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+            raise UserError(f"{path}:{number}: not valid JSON ({message})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((number, obj))
+    return rows
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

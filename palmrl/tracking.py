@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from palmrl.errors import UserError
+from palmrl.io import read_jsonl, write_atomic
 
 console = Console(stderr=True, highlight=False)
 
@@ -33,26 +33,10 @@ def _fmt(value: Any) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl → list of dicts. A last line torn by a crash (kill -9 mid-write) is dropped;
-    any other bad line is a UserError naming file and line."""
-    if not path.is_file():
+    """metrics.jsonl → list of dicts (a last line torn by kill -9 mid-write is dropped)."""
+    if not Path(path).is_file():
         return []
-    lines = path.read_text(errors="replace").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == last and not path.read_bytes().endswith(b"\n"):
-                break  # torn write
-            raise UserError(f"{path}:{i + 1}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{i + 1}: expected a JSON object")
-        rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path, key="metrics", torn_tail="drop")]
 
 
 class Tracker:
@@ -85,9 +69,7 @@ class Tracker:
         if not self.enabled or not self.metrics_path.is_file():
             return
         kept = [m for m in read_metrics(self.metrics_path) if m.get("step", 0) <= step]
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(tmp, self.metrics_path)
+        write_atomic(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def summary(self, title: str, rows: Mapping[str, Any]) -> None:
         if not self.enabled:

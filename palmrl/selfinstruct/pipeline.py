@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from palmrl.errors import UserError
+from palmrl.io import read_jsonl, write_atomic
 from palmrl.selfinstruct.backends import Backend, GenParams
 from palmrl.selfinstruct.filters import Fields, RecordFilter
 from palmrl.selfinstruct.prompts import build_prompt, parse_tasks, stop_after
@@ -38,25 +39,6 @@ EMBEDDED_SEEDS = "seeds.jsonl"  # package data beside this module: 101 hand-writ
 
 # ---------------------------------------------------------------------------------------------
 # seeds and the output file
-
-
-def read_jsonl(path: Path, *, key: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a bad line is a UserError naming it."""
-    if not path.is_file():
-        raise UserError(f"{key}: no such file: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            out.append((number, obj))
-    return out
 
 
 def load_seeds(path: str | os.PathLike | None) -> list[dict]:
@@ -104,12 +86,6 @@ def read_kept(path: Path) -> list[dict]:
         obj.setdefault("id", f"gen-{len(kept):06d}")  # in memory only: records from elsewhere may lack one
         kept.append(obj)
     return kept
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def report_path(out: Path) -> Path:
@@ -273,7 +249,7 @@ class SelfInstruct:
             self._append(records)
             self.rounds += 1
             idle = 0 if records else idle + 1
-            write_json_atomic(report_path(self.out), self.report(time.perf_counter() - t0))
+            write_atomic(report_path(self.out), json.dumps(self.report(time.perf_counter() - t0), indent=2) + "\n")
             if on_round is not None:
                 on_round(self)
             if idle >= self.give_up_after:
@@ -281,5 +257,5 @@ class SelfInstruct:
                                 f"see the rejection counts")
                 break
         report = self.report(time.perf_counter() - t0)
-        write_json_atomic(report_path(self.out), report)
+        write_atomic(report_path(self.out), json.dumps(report, indent=2) + "\n")
         return report
