@@ -34,7 +34,6 @@ from palmrl.data.sources import load_records
 from palmrl.errors import UserError
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
-DEFAULT_SIZES = {"train_size": 5000, "val_size": 200}  # 5k task examples: a few CPU epochs in minutes; 200 to measure
 CHITCHAT_SFT_TURNS = 4  # two exchanges: fits a tiny model's context
 DEFAULT_VAL_FRACTION = 0.05  # held-out share of a local/hf set that has no val file/split
 
@@ -56,11 +55,13 @@ def source_kind(data_cfg) -> str:
 
 
 def split_size(data_cfg, split: str) -> int:
-    """Number of embedded examples for a split: data.train_size / val_size / test_size (test = val)."""
+    """Number of embedded examples for a split: data.train_size / val_size / test_size (test = val).
+    The sizes live in the data group's YAML only (configs/data/*.yaml), never as defaults here."""
     if split == "train":
-        key, size = "train_size", data_cfg.get("train_size", DEFAULT_SIZES["train_size"])
+        key, size = "train_size", data_cfg.get("train_size")
     else:
-        key, size = f"{split}_size", data_cfg.get(f"{split}_size") or data_cfg.get("val_size", DEFAULT_SIZES["val_size"])
+        key = f"{split}_size" if data_cfg.get(f"{split}_size") else "val_size"
+        size = data_cfg.get(key)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise UserError(f"data.{key} must be a positive integer, got {size!r}")
     return size
