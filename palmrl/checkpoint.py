@@ -1,4 +1,4 @@
-"""Self-describing checkpoint folders (DESIGN §3), written atomically, loaded without unpickling.
+"""Self-describing checkpoint folders (docs/checkpoints.md), written atomically, loaded without unpickling.
 
     runs/<run>/<stage>/step-000200/   model.safetensors   consolidated weights (fp32, every ZeRO stage)
                        final/         adapters.safetensors LoRA scopes when not merged (optional)
@@ -8,6 +8,10 @@
 
 A folder is written under a temporary name and renamed when complete, so a crash never leaves a
 folder that looks valid. Loading checks the manifest's sha256 of every weight file.
+
+Models come back from a folder here too: `model_from_checkpoint` (LoRA scopes attached as saved),
+`policy_from_checkpoint` (scopes merged), and `load_source` for a Hugging Face model folder or hub
+name, the starting point of `model=hf` runs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reward model: a PaLM trunk plus a scalar head read at the last response token.
+"""The reward model: a trunk (PaLM, or a Hugging Face causal LM) plus a head read at the last token.
 
 Objectives (https://arxiv.org/abs/2203.02155 §3.5 and lucidrains' PaLM-rlhf-pytorch):
 - pairwise: Bradley-Terry, loss = -log σ(r_chosen - r_rejected - margin); the score is r.
@@ -9,9 +9,10 @@ and reply through causal attention. The reference mean-pools and adds learned pr
 embeddings; last-token pooling is what InstructGPT, DeepSpeed-Chat and OpenRLHF use and it needs
 no extra parameters, so it is the one offered.
 
-`score(...)` is the batched, cache-free scoring API used by `ppo` and by `sample` best-of-n; with
-`normalise=True` it maps scores to zero mean / unit variance using the held-out distribution the
-reward stage measured and stored in its manifest.
+`score(...)` scores tokenised conversations in batches (`score_texts` renders text first, for
+best-of-n in `sample` and the report); with `normalise=True` it maps scores to zero mean / unit
+variance using the held-out distribution the reward stage measured and stored in its manifest.
+`reward_model_from_checkpoint` rebuilds one from a reward checkpoint folder.
 """
 
 from __future__ import annotations
