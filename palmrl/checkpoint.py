@@ -92,7 +92,8 @@ class Checkpoint:
         if expected is None:
             raise UserError(f"checkpoint {self.path}: {name} is not listed in {MANIFEST}")
         if sha256_file(file) != expected:
-            raise UserError(f"checkpoint {self.path}: {name} does not match its sha256 in {MANIFEST} (corrupt or tampered)")
+            raise UserError(f"checkpoint {self.path}: {name} does not match its sha256 in {MANIFEST} "
+                            f"(corrupt or tampered)")
         return file
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -28,7 +28,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("palmrl.stages.export", "write a policy started from a Hugging Face model as a standard HF folder"),
     "pipeline": ("palmrl.stages.pipeline", "tokenizer → pretrain → sft → reward → ppo → report, chained by path"),
     "report": ("palmrl.stages.report", "tables and PNG plots of a run's stages"),
-    "selfinstruct": ("palmrl.stages.selfinstruct", "grow seed examples into an instruction set (local or OpenAI-compatible generator)"),
+    "selfinstruct": ("palmrl.stages.selfinstruct",
+                     "grow seed examples into an instruction set (local or OpenAI-compatible generator)"),
     "dedup": ("palmrl.stages.dedup", "remove exact and near-duplicate records, filter bad ones, report what went"),
     "serve": ("palmrl.stages.serve", "OpenAI-compatible HTTP server over a checkpoint (completions, chat, streaming)"),
 }
@@ -89,7 +90,8 @@ def _hydra_error_line(err: BaseException) -> str:
         if lines:
             line = lines[0]
             if line.startswith("Could not override") and any("is not in struct" in str(e) for e in chain):
-                line += " No such key in this stage's config (check the spelling; `palmrl <stage> --cfg job` lists the keys)."
+                line += (" No such key in this stage's config (check the spelling; `palmrl <stage> --cfg job` "
+                         "lists the keys).")
             return line
     return type(err).__name__
 

@@ -501,7 +501,8 @@ def _check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise UserError(f"out_dir: only {free / 2**20:,.1f} MiB free in {folder} but one checkpoint needs about "
-                        f"{needed / 2**20:,.1f} MiB (weights + optimizer state); free some space or choose another out_dir")
+                        f"{needed / 2**20:,.1f} MiB (weights + optimizer state); free some space or choose "
+                        f"another out_dir")
 
 
 def _check_writable(folder: Path) -> None:

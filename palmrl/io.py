@@ -45,7 +45,8 @@ def read_jsonl(path: Path, *, key: str, torn_tail: Literal["drop", "error"] = "e
                 raise ValueError(f"line longer than {MAX_JSON_LINE >> 20} MiB")
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as err:
-            raise UserError(f"{path}:{number}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
+            bad = raw[err.start:err.start + 1]
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte {err.start}: {bad!r})") from None
         except RecursionError:
             raise UserError(f"{path}:{number}: JSON nested too deeply") from None
         except ValueError as err:  # json.JSONDecodeError is a ValueError

@@ -42,7 +42,7 @@ PPO_TRAIN_KEYS = ("true_reward", "reward", "kl", "kl_coef", "entropy", "response
 class ReportSettings:
     """The report's knobs (configs/report.yaml mirrors them)."""
 
-    prompts: int = 64             # held-out task prompts for best-of-n; 0 skips it (64 x 8 samples: seconds, tiny model)
+    prompts: int = 64             # held-out task prompts for best-of-n; 0 skips it (64 x 8 samples: seconds)
     max_n: int = 8                # n = 1, 2, 4, ... max_n samples per prompt, ranked by the reward model
     temperature: float = 1.0      # the policy's own distribution, as in PPO rollouts
     top_k: int = 0                # 0 disables
@@ -531,7 +531,8 @@ def sample_rows(samples: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
 def markdown(data: dict, plots: Sequence[Path], out_dir: Path) -> str:
     lines = [f"# palmrl report: `{data['run_dir']}`", "",
              "Stages found: " + ", ".join(f"`{s}/`" for s in data["stages"]) + ".", "",
-             "## Key metrics", "", *_md_table(("stage", "metric", "value", "compare with"), key_rows(data["stages"])), ""]
+             "## Key metrics", "",
+             *_md_table(("stage", "metric", "value", "compare with"), key_rows(data["stages"])), ""]
     result = data["best_of_n"]
     if result is not None:
         lines += ["## Best-of-n", "",

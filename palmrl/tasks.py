@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from palmrl.errors import UserError
 
-SPLIT_PERCENT = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}  # hash buckets: 80% to learn, 10% each to measure
+SPLIT_PERCENT = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}  # hash buckets: 80% learn, 10% each measure
 
 
 @dataclass(frozen=True)
@@ -374,25 +374,31 @@ TASKS: dict[str, Task] = {
         _subtract_task(),
         _larger_task(),
         _word_task(
-            "count_letters", ("How many letters are in the word?", "Count the letters in the word."), lambda w: str(len(w)),
+            "count_letters", ("How many letters are in the word?", "Count the letters in the word."),
+            lambda w: str(len(w)),
             lambda word, answer, rng: [_off_by(len(word), rng, (1, -1))],
         ),
         _count_words_task(),
         _repeat_task(),
         _word_task(
-            "first_letter", ("What is the first letter of the word?", "Give the first letter of the word."), lambda w: w[0],
+            "first_letter", ("What is the first letter of the word?", "Give the first letter of the word."),
+            lambda w: w[0],
             lambda word, answer, rng: [word[1], word[-1], _next_letter(answer)],
         ),
         _word_task(
-            "last_letter", ("What is the last letter of the word?", "Give the last letter of the word."), lambda w: w[-1],
+            "last_letter", ("What is the last letter of the word?", "Give the last letter of the word."),
+            lambda w: w[-1],
             lambda word, answer, rng: [word[0], word[-2], _next_letter(answer)],
         ),
         _table_task(
-            "capital", ("What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?"), CAPITALS
+            "capital", ("What is the capital of {}?", "Name the capital of {}.", "Which city is the capital of {}?"),
+            CAPITALS,
         ),
         _table_task("color", ("What color is {}?", "What is the color of {}?", "Name the color of {}."), COLORS),
         _table_task(
-            "opposite", ("What is the opposite of {}?", "Give the opposite of {}.", "What word means the opposite of {}?"), OPPOSITES
+            "opposite",
+            ("What is the opposite of {}?", "Give the opposite of {}.", "What word means the opposite of {}?"),
+            OPPOSITES,
         ),
     )
 }

@@ -143,7 +143,8 @@ class Tokenizer:
         """Write the model into `folder` (tokenizer.model or tokenizer.json) and return its path."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        name, other = (SENTENCEPIECE_FILE, BYTE_FILE) if self.kind == "sentencepiece" else (BYTE_FILE, SENTENCEPIECE_FILE)
+        sentencepiece = self.kind == "sentencepiece"
+        name, other = (SENTENCEPIECE_FILE, BYTE_FILE) if sentencepiece else (BYTE_FILE, SENTENCEPIECE_FILE)
         path = folder / name
         tmp = folder / f".{name}.tmp-{os.getpid()}"
         tmp.write_bytes(self._model_bytes)
@@ -310,7 +311,8 @@ def _check_byte_json(model_bytes: bytes, origin: str) -> None:
 
 def _byte_spec_bytes() -> bytes:
     """The canonical JSON of the byte tokenizer (what `save` writes to tokenizer.json)."""
-    spec = {"kind": "byte", "special_tokens": list(SPECIAL_TOKENS), "byte_offset": _BYTE_OFFSET, "vocab_size": _BYTE_VOCAB_SIZE}
+    spec = {"kind": "byte", "special_tokens": list(SPECIAL_TOKENS), "byte_offset": _BYTE_OFFSET,
+            "vocab_size": _BYTE_VOCAB_SIZE}
     return json.dumps(spec, sort_keys=True, indent=1).encode()
 
 
@@ -347,7 +349,8 @@ class HFTokenizer:
         return f"HFTokenizer({self.origin}, {self.vocab_size} ids, chat template: {self.has_template})"
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, *, trust_remote_code: bool = False, revision: str | None = None) -> HFTokenizer:
+    def load(cls, folder: str | os.PathLike, *, trust_remote_code: bool = False,
+             revision: str | None = None) -> HFTokenizer:
         tf = transformers()
         try:
             tk = tf.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, revision=revision)

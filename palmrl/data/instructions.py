@@ -153,7 +153,8 @@ def record_messages(record: Mapping[str, Any], where: str) -> list[dict[str, str
         if not isinstance(record[field], str):
             raise UserError(f"{where}: {field!r} must be a string")
     system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-    return [*system, {"role": "user", "content": prompt_of(record)}, {"role": "assistant", "content": record[fields[1]]}]
+    return [*system, {"role": "user", "content": prompt_of(record)},
+            {"role": "assistant", "content": record[fields[1]]}]
 
 
 def chitchat_sft_records(split: str) -> list[dict]:
@@ -178,7 +179,8 @@ def load_instruction_records(data_cfg, split: str) -> list[dict]:
     if kind == "tasks":
         size, seed, names = split_size(data_cfg, split), int(data_cfg.get("seed") or 0), data_cfg.get("tasks")
         records = [
-            {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.output}], "task": ex.task}
+            {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.output}],
+             "task": ex.task}
             for ex in task_lib.make_examples(split, size, seed=seed, tasks=list(names) if names is not None else None)
         ]
     elif kind == "embedded:chitchat":
@@ -225,7 +227,8 @@ def build_sft_examples(tokenizer, records: Sequence[Mapping], *, max_len: int) -
     stats["kept"] = len(examples)
     stats["dropped"] = stats["dropped_long_prompt"] + stats["dropped_no_response"]
     if not examples and records:
-        raise UserError(f"data: all {len(records)} examples were dropped (prompt longer than max_len={max_len}, or no reply)")
+        raise UserError(f"data: all {len(records)} examples were dropped (prompt longer than max_len={max_len}, "
+                        f"or no reply)")
     return examples, stats
 
 
@@ -287,7 +290,8 @@ class ShuffledBatches:
         global_batch = batch_size * world_size
         if len(self.train) < global_batch:
             raise UserError(
-                f"data: {len(self.train)} training examples are fewer than one global batch ({batch_size} x {world_size} ranks)"
+                f"data: {len(self.train)} training examples are fewer than one global batch "
+                f"({batch_size} x {world_size} ranks)"
             )
         self.steps_per_epoch = len(self.train) // global_batch
 

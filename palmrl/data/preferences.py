@@ -9,8 +9,8 @@ Embedded data (`data.source: tasks`, or `embedded` with `data.name: tasks|chitch
 - task pairs: the correct answer (chosen) against a hard negative from `tasks.wrong_response`
   (off-by-one sums, swapped letters, a wrong capital) — every label is verifiable;
 - task ratings (the default): a correct answer (rated num_bins), a near miss or another prompt's
-  answer (its partial credit `tasks.grade` binned into 1..num_bins-1). Chosen over chitchat's human ratings as the default
-  because they are learnable by a tiny model and checkable; chitchat's ratings score whole
+  answer (its partial credit `tasks.grade` binned into 1..num_bins-1). Chosen over chitchat's human
+  ratings as the default because they are learnable by a tiny model and checkable; chitchat's ratings score whole
   conversations (witty/upbeat/interesting, 1-10, half of them the untouched default 5), a weak
   and noisy label for one reply;
 - chitchat (`data.name: chitchat`): the conversation's starter prompt and its opening turns,

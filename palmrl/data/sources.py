@@ -68,7 +68,8 @@ def load_texts(data_cfg: Mapping) -> Iterator[str]:
             raise UserError(f"data.text_field={field!r} is not a field of {origin} (its fields: {fields})")
         text = record[field]
         if not isinstance(text, str):
-            raise UserError(f"{origin}: record {index} has no text in data.text_field={field!r} (got {type(text).__name__})")
+            raise UserError(f"{origin}: record {index} has no text in data.text_field={field!r} "
+                            f"(got {type(text).__name__})")
         if text.strip():  # blank documents would only add an eos to the stream
             count += 1
             yield text
@@ -96,7 +97,8 @@ def source_fingerprint(data_cfg: Mapping) -> str:
             [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in resolve_paths(data_cfg)
         ]
     elif source == "hf":
-        identity.update(name=_get(data_cfg, "name"), hf_config=_get(data_cfg, "hf_config"), split=_get(data_cfg, "split"))
+        identity.update(name=_get(data_cfg, "name"), hf_config=_get(data_cfg, "hf_config"),
+                        split=_get(data_cfg, "split"))
     else:
         _unknown_source(source)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -126,7 +128,8 @@ def resolve_paths(data_cfg: Mapping) -> list[Path]:
         elif Path(entry).is_dir():
             matches = sorted(
                 p for p in Path(entry).rglob("*")
-                if p.is_file() and p.suffix in FORMATS and not any(part.startswith(".") for part in p.relative_to(entry).parts)
+                if p.is_file() and p.suffix in FORMATS
+                and not any(part.startswith(".") for part in p.relative_to(entry).parts)
             )  # hidden files and folders (.cache, .git) are not data
         elif Path(entry).is_file():
             matches = [Path(entry)]

@@ -95,7 +95,8 @@ def build_token_shards(
     try:
         meta = _tokenise_into(tmp, texts_factory, tokenizer, val_fraction)
         meta.update(
-            format=SHARD_FORMAT, fingerprint=fingerprint, tokenizer_hash=tokenizer.content_hash(), val_fraction=val_fraction
+            format=SHARD_FORMAT, fingerprint=fingerprint, tokenizer_hash=tokenizer.content_hash(),
+            val_fraction=val_fraction
         )
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         try:

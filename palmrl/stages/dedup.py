@@ -48,9 +48,9 @@ def dedup_file(src: Path, dst: Path, removed_path: Path, record_filter: RecordFi
             if verdict.reason is None:
                 fout.write(line if line.endswith("\n") else line + "\n")
             else:
-                frem.write(json.dumps({"line": number, "reason": verdict.reason, "duplicate_of_line": verdict.duplicate_of,
-                                       "record": record if record is not None else line.rstrip("\n")},
-                                      ensure_ascii=False) + "\n")
+                removed = {"line": number, "reason": verdict.reason, "duplicate_of_line": verdict.duplicate_of,
+                           "record": record if record is not None else line.rstrip("\n")}
+                frem.write(json.dumps(removed, ensure_ascii=False) + "\n")
     tmp.replace(dst)
     elapsed = time.perf_counter() - t0
     return {"in": str(src), "out": str(dst), "removed_records": str(removed_path), "records": total,

@@ -66,8 +66,8 @@ def group_choices() -> dict[str, str]:
         key = item.lstrip("+~").split("=", 1)[0]
         if key.startswith(("model.", "zero.")):
             also = f" and tokenizer.{key}=…" if key == "model.vocab_size" else ""
-            raise UserError(f"{key}: the pipeline passes only the model= and zero= choices to its stages; set the value "
-                            f"for each stage that uses it, e.g. pretrain.{key}=…{also}")
+            raise UserError(f"{key}: the pipeline passes only the model= and zero= choices to its stages; "
+                            f"set the value for each stage that uses it, e.g. pretrain.{key}=…{also}")
     return {group: str(hydra_cfg.runtime.choices[group]) for group in ("model", "zero")}
 
 

@@ -141,10 +141,12 @@ class RewardRecipe:
             last = torch.cat([batch.chosen_last, batch.rejected_last]).to(device)
             chosen, rejected = self.engine(both, last).chunk(2)
             out = pairwise_loss(chosen, rejected, self.settings.margin)
-            return out.loss, {"accuracy": out.accuracy.item(), "margin": out.margin.item()}, torch.cat([chosen, rejected])
+            stats = {"accuracy": out.accuracy.item(), "margin": out.margin.item()}
+            return out.loss, stats, torch.cat([chosen, rejected])
         logits = self.engine(batch.tokens.to(device), batch.last.to(device))
         out = binned_loss(logits, batch.labels.to(device))
-        return out.loss, {"accuracy": out.accuracy.item(), "rating_mae": out.rating_mae.item()}, self.model.scores(logits)
+        stats = {"accuracy": out.accuracy.item(), "rating_mae": out.rating_mae.item()}
+        return out.loss, stats, self.model.scores(logits)
 
     def step(self, step: int) -> dict:
         accum, totals = self.trainer.train.grad_accum, {}

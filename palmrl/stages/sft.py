@@ -60,7 +60,8 @@ class SFTRecipe:
         self.cfg = cfg
         self.settings = typed(SFTSettings, cfg.train, key="train")
         if cfg.data.get("kind") != "instructions":
-            raise UserError(f"data: sft needs instruction data (data=tasks|my_instructions), got kind={cfg.data.get('kind')}")
+            raise UserError(f"data: sft needs instruction data (data=tasks|my_instructions), "
+                            f"got kind={cfg.data.get('kind')}")
         self.dist = init_distributed()
         seed_everything(int(cfg.seed))
 
