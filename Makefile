@@ -32,7 +32,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/python -m compileall -q palmrl scripts tests
+	$(BIN)/ruff check palmrl scripts tests
 	$(BIN)/python -m palmrl --help > /dev/null
 	$(BIN)/hadolint docker/Dockerfile
 
