@@ -168,3 +168,14 @@ def test_cli_parses_in_and_out(tmp_path):
     assert (tmp_path / "b.report.json").is_file()
     with pytest.raises(UserError, match="in: no such file"):
         run_stage("dedup", [f"in={tmp_path / 'nope.jsonl'}", f"out={tmp_path / 'c.jsonl'}", f"out_dir={tmp_path}"])
+
+
+def test_a_line_nested_too_deeply_is_an_unparsable_record_not_a_crash(tmp_path):
+    src = tmp_path / "in.jsonl"
+    good = {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris."}
+    src.write_text(json.dumps(good) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    proc = palmrl_cli("dedup", f"in={src}", f"out={tmp_path / 'out.jsonl'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    removed = [json.loads(line) for line in (tmp_path / "out.removed.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in removed] == [(2, "unparsable")]
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == good

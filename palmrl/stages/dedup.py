@@ -42,7 +42,7 @@ def dedup_file(src: Path, dst: Path, removed_path: Path, record_filter: RecordFi
             total += 1
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply: unparsable
                 record = None
             verdict = record_filter.offer(record, number, truncated=_truncated(record))
             if verdict.reason is None:
