@@ -14,11 +14,11 @@ must be >= 1, got 0`) and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import types
 import typing
-import importlib.util
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
 
@@ -39,6 +39,10 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
+
+
+# the stages that build a model, in the order the pipeline chains them (a run folder holds any subset)
+CHAIN = ("tokenizer", "pretrain", "sft", "reward", "ppo")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from palmrl.config import CHAIN
 from palmrl.errors import UserError
 from palmrl.tracking import read_metrics
 
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo")  # pipeline order; a run holds any subset
 PLOT_NAMES = ("pretrain.png", "sft.png", "reward.png", "ppo.png", "best_of_n.png")
 PPO_TRAIN_KEYS = ("true_reward", "reward", "kl", "kl_coef", "entropy", "response_tokens", "eos_rate")
 
@@ -91,7 +91,7 @@ def find_stages(run_dir: Path) -> dict[str, StageRun]:
     if not run_dir.is_dir():
         raise UserError(f"run_dir: no such run folder: {run_dir}")
     found = {}
-    for name in STAGES:
+    for name in CHAIN:
         folder = run_dir / name
         if not folder.is_dir():
             continue
@@ -104,7 +104,7 @@ def find_stages(run_dir: Path) -> dict[str, StageRun]:
                 raise UserError(f"{manifest_path}: not valid JSON ({err.msg})") from None
         found[name] = StageRun(name, folder, read_metrics(folder / "metrics.jsonl"), manifest)
     if not found:
-        raise UserError(f"run_dir: {run_dir} has no stage folder ({', '.join(s + '/' for s in STAGES)})")
+        raise UserError(f"run_dir: {run_dir} has no stage folder ({', '.join(s + '/' for s in CHAIN)})")
     return found
 
 

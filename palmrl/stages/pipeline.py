@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-
-from palmrl.errors import Preempted, UserError
 from rich.markup import escape
 
+from palmrl.config import CHAIN
+from palmrl.errors import Preempted, UserError
 from palmrl.tracking import Tracker, console
 
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
+STEPS = (*CHAIN, "report")  # what `stages=` may list
 IGNORED_KEYS = ("out_dir", "resume", "overwrite", "cache_dir")  # differences here never force a rerun
 
 
@@ -38,7 +38,7 @@ def route_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str
     kept = []
     for item in overrides:
         head, _, rest = item.partition(".")
-        if head in STAGES and "=" in rest and not item.startswith(("+", "~")):
+        if head in STEPS and "=" in rest and not item.startswith(("+", "~")):
             routed.setdefault(head, []).append(rest)
         else:
             kept.append(item)
@@ -168,9 +168,9 @@ def plan(stage: str, args: list[str], run_dir: Path, *, upstream_changed: bool =
 
 def run(cfg: DictConfig, routed: dict[str, list[str]] | None = None) -> Path:
     """Run the chain; `routed` holds the `<stage>.<key>=<value>` overrides of the command line."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    unknown = [s for s in cfg.stages if s not in STEPS]
     if unknown:
-        raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STAGES)}")
+        raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STEPS)}")
     stages = [s for s in cfg.stages if not (cfg.pretrain_ckpt and s in ("tokenizer", "pretrain"))]
     choices = group_choices()
     run_dir = Path("runs") / str(cfg.run_name)
