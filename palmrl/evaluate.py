@@ -12,7 +12,7 @@ import torch
 
 from palmrl import tasks
 from palmrl.data.chat import clean_response, prompt_tokens
-from palmrl.generate import generate
+from palmrl.generate import generate_responses
 
 
 class Responses(NamedTuple):
@@ -31,19 +31,16 @@ class TaskScore(NamedTuple):
 def respond(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 24, temperature: float = 0.0,
             top_k: int = 0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> Responses:
     """Chat-template responses to plain-text prompts (greedy by default)."""
-    generator = torch.Generator().manual_seed(seed)
+    responses = generate_responses(model, [prompt_tokens(tokenizer, p) for p in prompts], batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                   generator=torch.Generator().manual_seed(seed))
     texts, flags, lengths = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        out = generate(model, [prompt_tokens(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
-                       pad_id=tokenizer.pad_id, generator=generator)
-        for row in range(len(chunk)):
-            ids = out.sequences[row, out.prompt_length:][out.response_mask[row]].tolist()
-            text, ok = clean_response(tokenizer, ids)
-            texts.append(text)
-            flags.append(ok)
-            lengths.append(len(ids))
+    for ids in responses:
+        text, ok = clean_response(tokenizer, ids)
+        texts.append(text)
+        flags.append(ok)
+        lengths.append(len(ids))
     return Responses(texts, flags, lengths)
 
 

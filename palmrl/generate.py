@@ -1,10 +1,14 @@
-"""Batched sampling from a PaLM model with a key/value cache.
+"""Batched sampling from a PaLM model with a key/value cache: palmrl's one decode loop.
 
 Prompts of different lengths are left-padded into one block so every row's next token sits in the
 same column; the first forward fills the KV cache with the prompts, then each step feeds only the
 B new tokens. Sampling follows the usual recipe: temperature, then top-k, then nucleus (top-p,
 https://arxiv.org/abs/1904.09751); temperature 0 is greedy. Each row stops at its own EOS and is
 padded after it; the loop ends when every row has stopped or `max_new_tokens` is reached.
+
+`Decoder` is that loop a step at a time, with the caller deciding when each row stops (the server
+streams text and stops rows at stop strings); `generate` runs it to the end, and
+`generate_responses` runs `generate` over many prompts a batch at a time (evaluation, `palmrl sample`).
 
 `use_cache=False` recomputes the full forward at each step: same tokens, much slower (the baseline
 of scripts/bench_train.py).
@@ -77,6 +81,87 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+class Decoder:
+    """One batch decoded a step at a time: the loop every sampler in palmrl runs (the module docstring).
+
+        decoder = Decoder(model, prompts, max_new_tokens=16, temperature=0.8)
+        while not decoder.done:
+            tokens = decoder.step()           # (B,) this step's tokens, pad_id for rows already stopped
+            decoder.stop(tokens == eos_id)    # the caller decides when rows end: eos, stop strings, limits
+        out = decoder.generation()
+
+    Each step makes one forward call and draws once from `generator` for the whole batch, stopped
+    rows included, so a seed gives the same tokens however the rows end. The token a row stops on
+    is still fed (masked as real): it is part of that row's response. The model should be in eval
+    mode and `P + max_new_tokens` within its context; `generate` sees to both.
+    """
+
+    def __init__(self, model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        if max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        self.model, self.max_new_tokens, self.use_cache = model, max_new_tokens, use_cache
+        self.sampling = (temperature, top_k, top_p)
+        self.pad_id, self.generator = pad_id, generator
+        self.device = next(model.parameters()).device
+        self.tokens, self.prompt_mask = left_pad(prompts, pad_id, self.device)  # (B, P)
+        B = self.tokens.shape[0]
+        self.response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+        self.response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=self.device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=self.device)  # (B,) rows that take no more tokens
+        self.steps = 0  # tokens sampled per row so far
+        self._cache = None
+        self._last: Tensor | None = None  # (B,) the tokens of the last step, not yet fed to the model
+
+    @property
+    def prompt_length(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def done(self) -> bool:
+        return self.steps == self.max_new_tokens or bool(self.finished.all())
+
+    def stop(self, rows: Tensor) -> None:
+        """rows (B,) bool: these rows end here; from the next step on they get pad_id, masked out."""
+        self.finished |= rows.to(self.finished.device)
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """Sample the next token of every row -> (B,) long; pad_id where a row has stopped."""
+        if self.steps == self.max_new_tokens:
+            raise RuntimeError(f"all {self.max_new_tokens} steps of this Decoder are taken")
+        next_token = sample_next(self._next_logits(), *self.sampling, self.generator)  # (B,)
+        next_token = next_token.masked_fill(self.finished, self.pad_id)
+        self.response[:, self.steps] = next_token
+        self.response_mask[:, self.steps] = ~self.finished
+        self.steps += 1
+        self._last = next_token
+        return next_token
+
+    def _next_logits(self) -> Tensor:
+        """(B, V) next-token logits: the prompts first, then only the new column through the cache,
+        or (use_cache=False) everything again."""
+        # (model(...), not trunk + logits: under ZeRO-3 the tied output weight is gathered in forward)
+        if self.steps == 0:
+            if self.use_cache:
+                self._cache = self.model.new_cache(self.tokens.shape[0], self.prompt_length + self.max_new_tokens)
+            return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache)[:, -1]
+        if self.use_cache:
+            return self.model(self._last[:, None], attention_mask=self.response_mask[:, self.steps - 1:self.steps],
+                              cache=self._cache)[:, -1]
+        so_far = torch.cat((self.tokens, self.response[:, :self.steps]), dim=1)
+        mask_so_far = torch.cat((self.prompt_mask, self.response_mask[:, :self.steps]), dim=1)
+        return self.model(so_far, attention_mask=mask_so_far)[:, -1]
+
+    def generation(self) -> Generation:
+        """The prompts and the steps taken so far."""
+        response, response_mask = self.response[:, :self.steps], self.response_mask[:, :self.steps]
+        return Generation(sequences=torch.cat((self.tokens, response), dim=1),
+                          attention_mask=torch.cat((self.prompt_mask, response_mask), dim=1),
+                          prompt_length=self.prompt_length, response_mask=response_mask)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -87,12 +172,9 @@ def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
     `stop_early=False` always takes max_new_tokens steps: ranks of a ZeRO-3 model must make the
     same number of forward calls, whatever their own rows do.
     """
-    if max_new_tokens <= 0:
-        raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    device = next(model.parameters()).device
-    tokens, prompt_mask = left_pad(prompts, pad_id, device)
-    B, P = tokens.shape
-    max_seq_len = model.config.max_seq_len
+    decoder = Decoder(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, pad_id=pad_id, generator=generator, use_cache=use_cache)
+    P, max_seq_len = decoder.prompt_length, model.config.max_seq_len
     if P + max_new_tokens > max_seq_len:
         raise UserError(f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                         f"max_seq_len ({max_seq_len}): lower max_new_tokens to {max(0, max_seq_len - P)} or shorten the prompt")
@@ -100,40 +182,22 @@ def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-        # prompts: fill the cache (or just run them) and take each row's next-token logits
-        cache = model.new_cache(B, P + max_new_tokens) if use_cache else None
-        # (model(...), not trunk + logits: under ZeRO-3 the tied output weight is gathered in forward)
-        logits = model(tokens, attention_mask=prompt_mask, cache=cache)[:, -1]  # (B, V)
-
-        steps = 0
-        while True:
-            # sample; rows that already stopped get padding, masked out
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            next_token = next_token.masked_fill(finished, pad_id)
-            response[:, steps] = next_token
-            response_mask[:, steps] = ~finished
+        while decoder.steps < max_new_tokens and not (stop_early and bool(decoder.finished.all())):
+            next_token = decoder.step()
             if eos_id is not None:
-                finished |= next_token == eos_id
-            steps += 1
-            if steps == max_new_tokens or (stop_early and bool(finished.all())):
-                break
-
-            # next-token logits: feed only the new column through the cache, or everything again
-            if use_cache:
-                logits = model(next_token[:, None], attention_mask=response_mask[:, steps - 1:steps],
-                               cache=cache)[:, -1]
-            else:
-                so_far = torch.cat((tokens, response[:, :steps]), dim=1)
-                mask_so_far = torch.cat((prompt_mask, response_mask[:, :steps]), dim=1)
-                logits = model(so_far, attention_mask=mask_so_far)[:, -1]
+                decoder.stop(next_token == eos_id)
     finally:
         model.train(was_training)
+    return decoder.generation()
 
-    response, response_mask = response[:, :steps], response_mask[:, :steps]
-    return Generation(sequences=torch.cat((tokens, response), dim=1),
-                      attention_mask=torch.cat((prompt_mask, response_mask), dim=1),
-                      prompt_length=P, response_mask=response_mask)
+
+def generate_responses(model: nn.Module, prompts: list[list[int]], *, batch_size: int,
+                       **kwargs) -> list[list[int]]:
+    """Each prompt's response ids (its EOS included), `generate(**kwargs)` on `batch_size` prompts at a
+    time; pass one `generator` and every batch draws from the same stream."""
+    responses: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        out = generate(model, prompts[start:start + batch_size], **kwargs)
+        P = out.prompt_length
+        responses += [out.sequences[row, P:][out.response_mask[row]].tolist() for row in range(len(out.sequences))]
+    return responses

@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from palmrl import checkpoint  # noqa: E402
 from palmrl.model.palm import ModelConfig, PaLM  # noqa: E402
-from palmrl.selfinstruct.engine import Engine  # noqa: E402
-from palmrl.selfinstruct.server import Batching, Limits, Server, build_app  # noqa: E402
+from palmrl.serving.app import Limits, Server, build_app  # noqa: E402
+from palmrl.serving.generator import Engine  # noqa: E402
+from palmrl.serving.scheduler import Batching  # noqa: E402
 from palmrl.tokenizer import byte_tokenizer  # noqa: E402
 
 PROMPT = "Write a short note to a friend about the weekend."

@@ -1,10 +1,11 @@
-"""Batched sampling: cache == no cache, EOS handling, sampling filters, reproducibility, masks."""
+"""Batched sampling: cache == no cache, EOS handling, sampling filters, reproducibility, masks, and
+the step decoder against the loop it replaced."""
 
 import pytest
 import torch
 
 from palmrl.errors import UserError
-from palmrl.generate import Generation, generate, left_pad, sample_next
+from palmrl.generate import Decoder, Generation, generate, generate_responses, left_pad, sample_next
 from palmrl.model import ModelConfig, PaLM
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
@@ -149,3 +150,88 @@ def test_top_k_one_equals_greedy_generation():
     top1 = generate(model, PROMPTS, max_new_tokens=8, temperature=0.7, top_k=1,
                     generator=torch.Generator().manual_seed(1))
     assert torch.equal(greedy.sequences, top1.sequences)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step decoder: the same tokens, and the same random draws, as the loop it replaced
+
+
+@torch.no_grad()
+def reference_generate(model, prompts, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
+                       pad_id=0, generator=None, use_cache=True, stop_early=True):
+    """`generate` as it was before `Decoder` (one loop, eos the only stop): the oracle below."""
+    model.eval()
+    tokens, prompt_mask = left_pad(prompts, pad_id)
+    B, P = tokens.shape
+    response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool)
+    finished = torch.zeros(B, dtype=torch.bool)
+    cache = model.new_cache(B, P + max_new_tokens) if use_cache else None
+    logits = model(tokens, attention_mask=prompt_mask, cache=cache)[:, -1]
+    steps = 0
+    while True:
+        next_token = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(finished, pad_id)
+        response[:, steps] = next_token
+        response_mask[:, steps] = ~finished
+        if eos_id is not None:
+            finished |= next_token == eos_id
+        steps += 1
+        if steps == max_new_tokens or (stop_early and bool(finished.all())):
+            break
+        if use_cache:
+            logits = model(next_token[:, None], attention_mask=response_mask[:, steps - 1:steps], cache=cache)[:, -1]
+        else:
+            logits = model(torch.cat((tokens, response[:, :steps]), 1),
+                           attention_mask=torch.cat((prompt_mask, response_mask[:, :steps]), 1))[:, -1]
+    return torch.cat((tokens, response[:, :steps]), 1), torch.cat((prompt_mask, response_mask[:, :steps]), 1)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.8, top_k=10, top_p=0.9)])
+@pytest.mark.parametrize("eos_id", [None, 3, 17])
+@pytest.mark.parametrize("use_cache, stop_early", [(True, True), (False, True), (True, False)])
+def test_generate_matches_the_old_loop_token_for_token(sampling, eos_id, use_cache, stop_early):
+    model = tiny_model(kv_heads=2)
+    prompts = PROMPTS + [[7]]  # ragged: 5, 2, 3 and 1 tokens
+    ours, theirs = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    out = generate(model, prompts, max_new_tokens=15, eos_id=eos_id, pad_id=0, generator=ours, use_cache=use_cache,
+                   stop_early=stop_early, **sampling)
+    sequences, mask = reference_generate(model, prompts, max_new_tokens=15, eos_id=eos_id, pad_id=0, generator=theirs,
+                                         use_cache=use_cache, stop_early=stop_early, **sampling)
+    assert torch.equal(out.sequences, sequences) and torch.equal(out.attention_mask, mask)
+    assert torch.equal(ours.get_state(), theirs.get_state())  # the random stream is consumed exactly as before
+
+
+def test_decoder_rows_stopped_by_the_caller():
+    """Stopping a row changes nothing for the others, nor the draws: later tokens are pad, masked out."""
+    model = tiny_model().eval()
+    free_gen, stopped_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    free = Decoder(model, PROMPTS, max_new_tokens=9, generator=free_gen)
+    stopped = Decoder(model, PROMPTS, max_new_tokens=9, pad_id=0, generator=stopped_gen)
+    stop_at = {0: 2, 2: 5}  # row -> the step it stops on
+    while not free.done:
+        free.step()
+        stopped.step()
+        stopped.stop(torch.tensor([stop_at.get(row) == stopped.steps for row in range(3)]))
+    a, b = free.generation(), stopped.generation()
+    P = a.prompt_length
+    assert stopped.steps == 9 and torch.equal(free_gen.get_state(), stopped_gen.get_state())
+    for row in range(3):
+        n = stop_at.get(row, 9)
+        assert b.response_mask[row].tolist() == [True] * n + [False] * (9 - n)
+        assert torch.equal(b.sequences[row, :P + n], a.sequences[row, :P + n])
+        assert (b.sequences[row, P + n:] == 0).all()
+    with pytest.raises(RuntimeError, match="steps"):
+        stopped.step()
+
+
+def test_generate_responses_batches_from_one_stream():
+    model = tiny_model()
+    prompts = PROMPTS * 3
+    batched = generate_responses(model, prompts, batch_size=4, max_new_tokens=6, eos_id=17,
+                                 generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    expected = []
+    for start in (0, 4, 8):
+        out = generate(model, prompts[start:start + 4], max_new_tokens=6, eos_id=17, generator=g)
+        expected += [out.sequences[r, out.prompt_length:][out.response_mask[r]].tolist() for r in range(len(out.sequences))]
+    assert batched == expected and len(batched) == len(prompts)

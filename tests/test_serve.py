@@ -8,6 +8,7 @@ concurrency limit, batching of concurrent requests, and a bounded burst the serv
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -21,8 +22,9 @@ from conftest import palmrl_cli
 from palmrl import checkpoint
 from palmrl.generate import generate
 from palmrl.model.palm import ModelConfig, PaLM
-from palmrl.selfinstruct.engine import Engine, Row, Sampling
-from palmrl.selfinstruct.server import Batching, Limits, Server, build_app
+from palmrl.serving.app import Limits, Server, build_app
+from palmrl.serving.generator import Engine, Row, Sampling, TextStream
+from palmrl.serving.scheduler import Batching
 from palmrl.tokenizer import byte_tokenizer
 
 MAX_CONCURRENT = 8
@@ -128,11 +130,87 @@ def test_engine_stop_strings_and_streamed_pieces(engine):
 
 
 def test_held_back_text():
-    from palmrl.selfinstruct.engine import _held_back
+    from palmrl.serving.generator import _held_back
 
     assert _held_back("hello wo", ("world",)) == 2
     assert _held_back("hello", ("world",)) == 0
-    assert _held_back("abc\ufffd", ()) == 1
+    # half a character is held back by the row's TextStream, before stop strings are looked for
+    stream = TextStream(byte_tokenizer())
+    assert [stream.push(7 + b) for b in "c\u2603".encode()] == ["c", "", "", "\u2603"]
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    import itertools
+
+    from palmrl.data.embedded import embedded_texts
+    from palmrl.tokenizer import train_tokenizer
+
+    return train_tokenizer(list(itertools.islice(embedded_texts(), 1500)), vocab_size=512)
+
+
+def test_text_stream_adds_up_to_decode(sp_tokenizer):
+    """Token by token, the pieces join to `decode` of the whole row, and only the last may hold
+    U+FFFD (half a character): random ids, byte-fallback pieces and special tokens included."""
+    rng = random.Random(0)
+    for tokenizer in (sp_tokenizer, byte_tokenizer()):
+        for _ in range(300):
+            ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(1, 24))]
+            stream = TextStream(tokenizer)
+            pieces = [stream.push(token, final=n == len(ids)) for n, token in enumerate(ids, 1)]
+            assert "".join(pieces) == tokenizer.decode(ids)
+            assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
+        text = "naïve ☃ 日本 🎉 ok"
+        stream = TextStream(tokenizer)
+        assert "".join(stream.push(token) for token in tokenizer.encode(text)) == text
+
+
+class ScriptedModel(torch.nn.Module):
+    """Greedy decoding of it gives row i the tokens `script[i]`, one a step, whatever came before."""
+
+    def __init__(self, script: list[list[int]], vocab_size: int, max_seq_len: int):
+        super().__init__()
+        self.script, self.vocab_size, self.steps = script, vocab_size, 0
+        self.config = ModelConfig(vocab_size=vocab_size, dim=8, depth=1, heads=1, dim_head=8, max_seq_len=max_seq_len)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the decoder finds the device
+
+    def new_cache(self, batch_size: int, max_len: int):
+        self.steps = 0
+
+    def forward(self, tokens, attention_mask=None, cache=None):
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab_size)
+        for row, ids in enumerate(self.script):
+            logits[row, -1, ids[min(self.steps, len(ids) - 1)]] = 1.0
+        self.steps += 1
+        return logits
+
+
+def test_streamed_deltas_add_up_over_split_characters_and_stop_strings(ckpt):
+    """Each multi-byte character spans several byte tokens; the stop strings span several tokens and
+    start inside such a character. The streamed pieces join to the final text, never show half a
+    character, and never show a stop string or the part of it written before it completed."""
+    engine = Engine(ckpt)
+    tokenizer = engine.tokenizer
+    texts = ["caf\u00e9 \u2603\u2603 end", "x\u00e9\u00e9\u2603y and more", "ab\u2603c"]
+    script = [[7 + b for b in text.encode()] + [tokenizer.eos_id] for text in texts]
+    engine.model = ScriptedModel(script, tokenizer.vocab_size, engine.max_seq_len)
+    rows = [Row(engine.encode_text("p"), 40, ("\u2603\u2603",)),  # stop: 6 tokens, two characters
+            Row(engine.encode_text("q"), 40, ("\u00e9\u2603", "\u00e9\u00e9x")),  # the second one never completes
+            Row(engine.encode_text("r"), 40, ())]  # ends at eos
+    pieces = [[], [], []]
+    ends = [None, None, None]
+    for step in engine.stream(rows, Sampling(temperature=0)):
+        for d in step:
+            pieces[d.row].append(d.text)
+            ends[d.row] = d.finish_reason or ends[d.row]
+    assert ["".join(p) for p in pieces] == ["caf\u00e9 ", "x\u00e9", "ab\u2603c"]
+    assert ends == ["stop", "stop", "stop"]
+    assert not any("\ufffd" in piece for row in pieces for piece in row)
+    assert len(pieces[2]) > 1  # streamed, not handed out at the end
+    done = engine.complete(rows, Sampling(temperature=0))
+    assert [c.text for c in done] == ["caf\u00e9 ", "x\u00e9", "ab\u2603c"]
+    assert [c.completion_tokens for c in done] == [len("caf\u00e9 \u2603\u2603".encode()),
+                                                  len("x\u00e9\u00e9\u2603".encode()), len("ab\u2603c".encode())]
 
 
 # ---------------------------------------------------------------------------------------------

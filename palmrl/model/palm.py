@@ -194,14 +194,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
-    def select(self, index: Tensor) -> KVCache:
-        """A new cache holding rows `index` (B',) of this one, e.g. to expand prompts for best-of-n."""
-        cache = KVCache([k.index_select(0, index) for k in self.keys],
-                        [v.index_select(0, index) for v in self.values],
-                        self.key_mask.index_select(0, index), self.lengths.index_select(0, index))
-        cache.offset = self.offset
-        return cache
-
 
 # parallel attention + feed-forward block
 

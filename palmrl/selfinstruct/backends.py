@@ -3,7 +3,7 @@
 Both answer the same two calls, a batch at a time: `complete(prompts)` continues raw text (the
 task-list prompt) and `chat(conversations)` answers as the assistant (each task's response).
 
-- `local` decodes with `palmrl.selfinstruct.engine.Engine` in batches, from one seeded
+- `local` decodes with `palmrl.serving.generator.Engine` in batches, from one seeded
   `torch.Generator`: the same seed, checkpoint and config give the same records.
 - `openai` speaks `/v1/completions` and `/v1/chat/completions` to vLLM, llama.cpp's server,
   `palmrl serve`, or OpenAI itself, `concurrency` requests in flight. Connection errors, timeouts,
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 from palmrl.errors import UserError
-from palmrl.selfinstruct.engine import Completion
+from palmrl.serving.generator import Completion
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # transient by HTTP's and OpenAI's own advice
 
@@ -77,7 +77,7 @@ class LocalBackend:
                  chat: str | bool = "auto", top_k: int = 0):
         import torch
 
-        from palmrl.selfinstruct.engine import Engine
+        from palmrl.serving.generator import Engine
 
         self.engine = Engine(ckpt, key="generator.ckpt", precision=precision, chat=chat)
         self.batch_size = int(batch_size)
@@ -88,7 +88,7 @@ class LocalBackend:
         return {"kind": "local", "checkpoint": self.engine.lineage(), "chat_template": self.engine.chat}
 
     def _run(self, prompts: list[list[int]], params: GenParams) -> list[Completion]:
-        from palmrl.selfinstruct.engine import Row, Sampling
+        from palmrl.serving.generator import Row, Sampling
 
         sampling = Sampling(temperature=float(params.temperature), top_p=float(params.top_p), top_k=self.top_k)
         # prompts longer than the context keep bos and their end (where the open task is)

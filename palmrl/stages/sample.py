@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.generate import generate
+from palmrl.generate import generate_responses
 from palmrl.runtime import seed_everything
 from palmrl.model.registry import config_from_dict
 
@@ -82,20 +82,16 @@ def run(cfg: DictConfig) -> Path | None:
     if int(cfg.max_new_tokens) <= 0:
         raise UserError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
 
-    generator = torch.Generator().manual_seed(int(cfg.seed))
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    responses = generate_responses(model, [encode_prompt(tokenizer, p, chat) for _, p in jobs], batch_size=BATCH,
+                                   max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
+                                   top_k=int(cfg.top_k), top_p=float(cfg.top_p), eos_id=tokenizer.eos_id,
+                                   pad_id=tokenizer.pad_id, generator=torch.Generator().manual_seed(int(cfg.seed)))
     records = []
-    for start in range(0, len(jobs), BATCH):
-        chunk = jobs[start:start + BATCH]
-        out = generate(model, [encode_prompt(tokenizer, p, chat) for _, p in chunk],
-                       max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-                       top_k=int(cfg.top_k), top_p=float(cfg.top_p), eos_id=tokenizer.eos_id,
-                       pad_id=tokenizer.pad_id, generator=generator)
-        for row, (index, prompt) in enumerate(chunk):
-            ids = out.sequences[row, out.prompt_length:][out.response_mask[row]].tolist()
-            text, well_formed = decode_response(tokenizer, ids)
-            records.append({"prompt_index": index, "prompt": prompt, "response": text,
-                            "tokens": len(ids), "ended": well_formed, "chat": chat})
+    for (index, prompt), ids in zip(jobs, responses):
+        text, well_formed = decode_response(tokenizer, ids)
+        records.append({"prompt_index": index, "prompt": prompt, "response": text,
+                        "tokens": len(ids), "ended": well_formed, "chat": chat})
     if cfg.reward:
         records = score_records(cfg, ckpt, records)
     write_records(cfg, records)

@@ -1,6 +1,6 @@
 """`palmrl serve ckpt=…`: an OpenAI-compatible HTTP server over a checkpoint (FastAPI + uvicorn).
 
-Builds the engine, the batching server and the app (palmrl/selfinstruct/server.py), checks the
+Builds the engine, the batching server and the app (palmrl/serving/app.py), checks the
 port is free, then hands over to uvicorn until Ctrl-C.
 """
 
@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 
 from palmrl.errors import UserError
 from palmrl.runtime import seed_everything
-from palmrl.selfinstruct.engine import Engine
 from palmrl.selfinstruct.filters import dataclass_from_cfg
-from palmrl.selfinstruct.server import Batching, Limits, Server, build_app
+from palmrl.serving.app import Limits, Server, build_app
+from palmrl.serving.generator import Engine
+from palmrl.serving.scheduler import Batching
 from palmrl.tracking import console
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -1,11 +1,16 @@
 """Text in, text out over a palmrl checkpoint: prompt rendering, batched KV-cache decoding with
 per-row stop strings and token limits, and incremental (streamable) text.
 
-Shared by the `local` self-instruct backend and `palmrl serve`. The decoding loop is
-`palmrl.generate.generate`'s (left-padded prompts fill the KV cache, then one column per step,
-sampled by `palmrl.generate.sample_next`), stepped one token at a time so a caller can stream
-each row's new text, stop a row at its own `max_tokens` or stop string, and end the batch as soon
-as every row is done. tests/test_serve.py checks that it samples the same tokens as `generate`.
+Shared by `palmrl serve` and the `local` self-instruct backend. The decoding is
+`palmrl.generate.Decoder`'s (left-padded prompts fill the KV cache, then one column per step),
+stepped here so a caller can stream each row's new text, stop a row at its own `max_tokens` or
+stop string, and end the batch as soon as every row is done. tests/test_serve.py checks that it
+samples the same tokens as `generate`.
+
+New text comes from the new tokens alone (`TextStream`), never from decoding the whole row again,
+so a step costs the same at token 1000 as at token 1. Text is handed out only when it is whole:
+a character whose bytes span several tokens waits for its last byte, and text that could still be
+the start of a stop string waits until it is not.
 
 Chat checkpoints (sft, reward, ppo) get the chat template; a pretrain checkpoint continues raw
 text (`[bos] + encode(text)`), and a chat request to it becomes the plain transcript of the turns.
@@ -24,7 +29,7 @@ import torch
 from palmrl import checkpoint
 from palmrl.data.chat import as_messages, render_prompt, template_ids
 from palmrl.errors import UserError
-from palmrl.generate import left_pad, sample_next
+from palmrl.generate import Decoder
 
 
 @dataclass(frozen=True)
@@ -71,23 +76,52 @@ class Completion(NamedTuple):
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of `text` that could still grow into a stop string (or a character)."""
+    """Characters at the end of `text` that could still grow into a stop string."""
     hold = 0
     for stop in stops:
         for n in range(min(len(stop) - 1, len(text)), 0, -1):
             if text.endswith(stop[:n]):
                 hold = max(hold, n)
                 break
-    if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
     return hold
 
 
-class _RowState:
-    def __init__(self, row: Row):
-        self.row = row
+class TextStream:
+    """One row's text, a token at a time, without decoding the row again (incremental detokenisation).
+
+    palmrl's tokenizers decode additively: the text of `a + b` is the text of `a` then the text of
+    `b` when `a` ends on a character boundary. So each token's text is the decoding of the tokens
+    since the last whole character: usually just that token; a few byte pieces while a multi-byte
+    character is incomplete (its text would end in U+FFFD, the replacement character).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self._read = 0  # ids[:_read] are already text
+
+    def push(self, token: int, *, final: bool = False) -> str:
+        """Take one token; return the text it completes ("" while a character is still partial).
+        `final`: no token follows, so hand out even half a character (as U+FFFD, like `decode`)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids[self._read:])
+        if text.endswith("\ufffd") and not final:
+            return ""
+        self._read = len(self.ids)
+        return text
+
+    def rest(self) -> str:
+        """The text not handed out yet (the row ended on a stop token)."""
+        text = self.tokenizer.decode(self.ids[self._read:])
+        self._read = len(self.ids)
+        return text
+
+
+class _RowState:
+    def __init__(self, row: Row, tokenizer):
+        self.row = row
+        self.text = TextStream(tokenizer)
+        self.pending = ""  # decoded but not handed out: it could still be the start of a stop string
         self.done = False
 
 
@@ -139,51 +173,36 @@ class Engine:
             if len(row.prompt) + row.max_tokens > self.max_seq_len:
                 raise UserError(f"prompt {i} ({len(row.prompt)} tokens) + max_tokens ({row.max_tokens}) exceeds "
                                 f"the model's context of {self.max_seq_len} tokens")
-        device = next(self.model.parameters()).device
-        states = [_RowState(row) for row in rows]
-        tokens, prompt_mask = left_pad([row.prompt for row in rows], self.tokenizer.pad_id, device)
-        B, P = tokens.shape
-        steps_max = max(row.max_tokens for row in rows)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-        # prompts fill the cache; each later step feeds one column, masked for finished rows
-        cache = self.model.new_cache(B, P + steps_max)
-        logits = self.model(tokens, attention_mask=prompt_mask, cache=cache)[:, -1]  # (B, V)
-        for _ in range(steps_max):
-            next_token = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)  # (B,)
-            next_token = next_token.masked_fill(finished, self.tokenizer.pad_id)
-            alive = ~finished  # (B,) rows that took this token
-
-            deltas = [self._advance(i, state, int(next_token[i])) for i, state in enumerate(states)
-                      if not state.done]
+        states = [_RowState(row, self.tokenizer) for row in rows]
+        decoder = Decoder(self.model, [row.prompt for row in rows], max_new_tokens=max(row.max_tokens for row in rows),
+                          temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                          pad_id=self.tokenizer.pad_id, generator=generator)
+        while not decoder.done:
+            tokens = decoder.step().tolist()
+            deltas = [self._advance(i, state, tokens[i]) for i, state in enumerate(states) if not state.done]
             deltas = [d for d in deltas if d.text or d.finish_reason]
-            finished = torch.tensor([s.done for s in states], device=device)
+            decoder.stop(torch.tensor([state.done for state in states]))
             if deltas:
                 yield deltas
-            if bool(finished.all()):
-                return
-            logits = self.model(next_token[:, None], attention_mask=alive[:, None], cache=cache)[:, -1]
 
     def _advance(self, index: int, state: _RowState, token: int) -> Delta:
         """Take one token for one row; decide whether it ended, and what new text is safe to show."""
         row = state.row
         if token in self.stop_ids:
             state.done = True
-            text = self.tokenizer.decode(state.ids)
-            return Delta(index, text[state.emitted:], "stop", len(state.ids))
-        state.ids.append(token)
-        text = self.tokenizer.decode(state.ids)
-        hits = [p for p in (text.find(stop, max(0, state.emitted - len(stop))) for stop in row.stop if stop) if p >= 0]
+            return Delta(index, state.pending + state.text.rest(), "stop", len(state.text.ids))
+        at_limit = len(state.text.ids) + 1 >= row.max_tokens
+        text = state.pending + state.text.push(token, final=at_limit)
+        hits = [p for p in (text.find(stop) for stop in row.stop if stop) if p >= 0]
         if hits:
             state.done = True
-            return Delta(index, text[state.emitted:min(hits)], "stop", len(state.ids))
-        if len(state.ids) >= row.max_tokens:
+            return Delta(index, text[:min(hits)], "stop", len(state.text.ids))
+        if at_limit:
             state.done = True
-            return Delta(index, text[state.emitted:], "length", len(state.ids))
+            return Delta(index, text, "length", len(state.text.ids))
         safe = len(text) - _held_back(text, row.stop)
-        delta = text[state.emitted:safe] if safe > state.emitted else ""
-        state.emitted = max(state.emitted, safe)
-        return Delta(index, delta, None, len(state.ids))
+        state.pending = text[safe:]
+        return Delta(index, text[:safe], None, len(state.text.ids))
 
     def complete(self, rows: Sequence[Row], sampling: Sampling, *,
                  generator: torch.Generator | None = None) -> list[Completion]:

@@ -11,13 +11,9 @@ body that is not JSON, an unknown field, a value out of range or an unsupported 
 echo, penalties, best_of) is a 400 naming the field; a prompt that with max_tokens exceeds the
 model's context is a 400 too; a model name other than the served one is a 404.
 
-Concurrency: one worker thread owns the model. Requests queue for it; at most
-`limits.max_concurrent` may be queued or running, and one more gets 429 with `Retry-After: 1`.
-The worker batches: after taking a request it waits up to `batching.window_ms` for others with
-the same sampling settings (temperature, top_p, top_k, no seed) and decodes all their rows (n per
-prompt) in one KV-cache batch of at most `batching.max_batch_size` rows; each row still stops at
-its own max_tokens and stop strings. A request with a `seed` is decoded alone, from its own
-generator, so it is reproducible. scripts/bench_serve.py measures what batching buys.
+Concurrency: one worker thread owns the model and batches compatible requests
+(palmrl/serving/scheduler.py). At most `limits.max_concurrent` requests may be queued or running,
+and one more gets 429 with `Retry-After: 1`. The request bodies are in palmrl/serving/schemas.py.
 
 Best-of-n with a reward model is not offered yet: `n` returns all n samples. The seam is
 `_choices`, which receives every row of a request before the response is built.
@@ -27,20 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 import time
 import uuid
-from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal, Union
-
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import AsyncIterator
 
 from palmrl.errors import UserError
-from palmrl.selfinstruct.engine import Completion, Delta, Row, Sampling
+from palmrl.serving.generator import Completion, Delta, Row, Sampling
+from palmrl.serving.scheduler import END, Batching, Job, Scheduler
+from palmrl.serving.schemas import Body, ChatBody, CompletionBody, HTTPFailure
 
 
 @dataclass(frozen=True)
@@ -52,274 +44,6 @@ class Limits:
     max_n: int = 8  # samples per prompt
     max_prompts: int = 16  # prompts in one /v1/completions request
     max_concurrent: int = 64  # requests queued or running; one more gets 429 (memory and latency stay bounded)
-
-
-@dataclass(frozen=True)
-class Batching:
-    """The `batching:` block of serve.yaml."""
-
-    max_batch_size: int = 16  # rows decoded together; beyond ~16 a CPU step gets slower than it saves
-    window_ms: float = 5.0  # wait this long after the first request for others to join; 0 = batch only what is queued
-
-
-# ---------------------------------------------------------------------------------------------
-# request bodies (pydantic): unknown fields and unsupported options are 400s
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0 = off
-    n: int = Field(default=1, ge=1)
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    seed: int | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Any = None
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        if value != 0:
-            raise ValueError("penalties are not supported; leave it at 0")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class CompletionBody(_Body):
-    prompt: Union[str, list[str]]
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-    stream_options: StreamOptions | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one prompt")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value):
-        if value not in (None, 1):
-            raise ValueError("best_of is not supported (best-of-n with a reward model is not served yet)")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix (insertion) is not supported")
-        return value
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stream_options: StreamOptions | None = None
-
-
-class HTTPFailure(Exception):
-    """An OpenAI-shaped error response."""
-
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-# ---------------------------------------------------------------------------------------------
-# the worker: one thread owns the model and decodes batches of compatible jobs
-
-
-_END = object()  # posted to a job's queue after its last deltas
-
-
-class Job:
-    """One request's rows; the worker posts lists of Delta (row = index within this job), then _END."""
-
-    def __init__(self, rows: list[Row], sampling: Sampling, seed: int | None, loop: asyncio.AbstractEventLoop):
-        self.rows, self.sampling, self.seed, self.loop = rows, sampling, seed, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-
-    def batchable_with(self, other: Job) -> bool:
-        return self.seed is None and other.seed is None and self.sampling == other.sampling
-
-    def post(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-class Scheduler:
-    """Queue of jobs in, batched decoding in a worker thread, deltas out to each job's asyncio queue."""
-
-    def __init__(self, engine, batching: Batching, *, seed: int = 0, on_done=None):
-        self.engine, self.batching = engine, batching
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self._queue: queue.Queue[Job] = queue.Queue()
-        self._waiting: deque[Job] = deque()  # taken from the queue but not batchable with the last batch
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="palmrl-serve-worker", daemon=True)
-        self._on_done = on_done  # called (in the job's event loop) when the worker is done with a job
-        self.batches = 0
-        self.rows_decoded = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def submit(self, job: Job) -> None:
-        self._queue.put(job)
-
-    def queued(self) -> int:
-        return self._queue.qsize() + len(self._waiting)
-
-    def _take(self, timeout: float) -> Job | None:
-        if self._waiting:
-            return self._waiting.popleft()
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _batch(self, first: Job) -> list[Job]:
-        """`first` plus compatible jobs: the ones set aside earlier, then arrivals within the window."""
-        batch, rows = [first], len(first.rows)
-        if first.seed is not None:
-            return batch
-        room = lambda job: rows + len(job.rows) <= self.batching.max_batch_size  # noqa: E731
-        kept_aside = deque()
-        while self._waiting:
-            job = self._waiting.popleft()
-            if first.batchable_with(job) and room(job):
-                batch.append(job)
-                rows += len(job.rows)
-            else:
-                kept_aside.append(job)
-        self._waiting = kept_aside
-        deadline = time.monotonic() + self.batching.window_ms / 1000
-        while rows < self.batching.max_batch_size:
-            try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) \
-                    if deadline > time.monotonic() else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if first.batchable_with(job) and room(job):
-                batch.append(job)
-                rows += len(job.rows)
-            else:
-                self._waiting.append(job)
-        return batch
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            first = self._take(timeout=0.1)
-            if first is None:
-                continue
-            batch = self._batch(first)
-            live = [job for job in batch if not job.cancelled]  # clients that left before their turn cost nothing
-            try:
-                if live:
-                    self._decode(live)
-            except Exception as err:  # noqa: BLE001 - those requests get a 500, the server lives on
-                for job in live:
-                    job.post(err)
-            finally:
-                for job in batch:
-                    job.post(_END)
-                    if self._on_done is not None:
-                        job.loop.call_soon_threadsafe(self._on_done, job)
-
-    def _decode(self, batch: list[Job]) -> None:
-        rows, owner = [], []
-        for job in batch:
-            for i, row in enumerate(job.rows):
-                rows.append(row)
-                owner.append((job, i))
-        generator = self.generator if batch[0].seed is None else torch.Generator().manual_seed(batch[0].seed)
-        self.batches += 1
-        self.rows_decoded += len(rows)
-        for deltas in self.engine.stream(rows, batch[0].sampling, generator=generator):
-            per_job: dict[int, list[Delta]] = {}
-            for d in deltas:
-                job, i = owner[d.row]
-                per_job.setdefault(id(job), []).append(d._replace(row=i))
-            for job in batch:
-                if id(job) in per_job and not job.cancelled:
-                    job.post(per_job[id(job)])
-            if all(job.cancelled for job in batch):
-                return
-
-
-# ---------------------------------------------------------------------------------------------
-# the app
 
 
 class Server:
@@ -337,7 +61,7 @@ class Server:
 
     # request -> rows
 
-    def _check_model(self, body: _Body) -> None:
+    def _check_model(self, body: Body) -> None:
         if body.model is not None and body.model != self.model_name:
             raise HTTPFailure(404, f"model '{body.model}' is not served here; this server serves "
                                    f"'{self.model_name}' (GET /v1/models)", param="model", code="model_not_found")
@@ -358,7 +82,7 @@ class Server:
                               param="max_tokens")
         return asked
 
-    def _rows(self, prompts: list[list[int]], body: _Body, max_tokens: int | None) -> list[Row]:
+    def _rows(self, prompts: list[list[int]], body: Body, max_tokens: int | None) -> list[Row]:
         if body.n > self.limits.max_n:
             raise HTTPFailure(400, f"n {body.n} exceeds this server's limit of {self.limits.max_n} "
                                    f"(serve limits.max_n)", param="n")
@@ -367,7 +91,7 @@ class Server:
             rows += [Row(ids, self._max_tokens(max_tokens, len(ids)), tuple(body.stop or ()))] * body.n
         return rows
 
-    def submit(self, rows: list[Row], body: _Body) -> Job:
+    def submit(self, rows: list[Row], body: Body) -> Job:
         if self.in_flight >= self.limits.max_concurrent:
             raise HTTPFailure(429, f"server busy: {self.in_flight} requests in flight (limit "
                                    f"limits.max_concurrent={self.limits.max_concurrent}); retry shortly",
@@ -384,7 +108,7 @@ class Server:
         try:
             while True:
                 item = await job.queue.get()
-                if item is _END:
+                if item is END:
                     return
                 if isinstance(item, Exception):
                     raise HTTPFailure(500, f"generation failed: {item}", kind="server_error")
