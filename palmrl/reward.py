@@ -9,9 +9,10 @@ and reply through causal attention. The reference mean-pools and adds learned pr
 embeddings; last-token pooling is what InstructGPT, DeepSpeed-Chat and OpenRLHF use and it needs
 no extra parameters, so it is the one offered.
 
-`score(...)` is the batched, cache-free scoring API used by `ppo` and by `sample` best-of-n; with
-`normalise=True` it maps scores to zero mean / unit variance using the held-out distribution the
-reward stage measured and stored in its manifest.
+`score(...)` is the batched, cache-free scoring API used by `sample` best-of-n; with
+`normalise=True` it maps scores to zero mean / unit variance (`RewardModel.normalised`, which `ppo`
+calls on its own forward's scores) using the held-out distribution the reward stage measured and
+stored in its manifest.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class RewardModel(nn.Module):
         pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, D)
         out = self.reward_head(pooled).float()  # (B, 1) or (B, K)
         return out.squeeze(-1) if self.objective == "pairwise" else out
+
+    def normalised(self, scores: Tensor) -> Tensor:
+        """Scores (B,) to zero mean / unit variance over the held-out distribution the reward stage
+        measured (`score_mean`, `score_std` from the manifest), on the scores' device."""
+        mean, std = self.score_mean.to(scores.device), self.score_std.to(scores.device)
+        return (scores - mean) / std.clamp_min(1e-6)
 
     def scores(self, outputs: Tensor) -> Tensor:
         """Head outputs → scalar scores (B,): r itself, or the expected rating in 1..K."""
@@ -105,7 +112,7 @@ def score(model: RewardModel, tokens: Tensor, attention_mask: Tensor, *, normali
     model.train(was_training)
     scores = torch.cat(out)
     if normalise:
-        scores = (scores - model.score_mean) / model.score_std.clamp_min(1e-6)
+        scores = model.normalised(scores)
     return scores
 
 
