@@ -11,7 +11,8 @@ no extra parameters, so it is the one offered.
 
 `score(...)` scores tokenised conversations in batches (`score_texts` renders text first, for
 best-of-n in `sample` and the report); with `normalise=True` it maps scores to zero mean / unit
-variance using the held-out distribution the reward stage measured and stored in its manifest.
+variance (`RewardModel.normalised`, which `ppo` calls on its own forward's scores) using the
+held-out distribution the reward stage measured and stored in its manifest.
 `reward_model_from_checkpoint` rebuilds one from a reward checkpoint folder.
 """
 
@@ -48,6 +49,12 @@ class RewardModel(nn.Module):
         pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, D)
         out = self.reward_head(pooled).float()  # (B, 1) or (B, K)
         return out.squeeze(-1) if self.objective == "pairwise" else out
+
+    def normalised(self, scores: Tensor) -> Tensor:
+        """Scores (B,) to zero mean / unit variance over the held-out distribution the reward stage
+        measured (`score_mean`, `score_std` from the manifest), on the scores' device."""
+        mean, std = self.score_mean.to(scores.device), self.score_std.to(scores.device)
+        return (scores - mean) / std.clamp_min(1e-6)
 
     def scores(self, outputs: Tensor) -> Tensor:
         """Head outputs → scalar scores (B,): r itself, or the expected rating in 1..K."""
@@ -106,7 +113,7 @@ def score(model: RewardModel, tokens: Tensor, attention_mask: Tensor, *, normali
     model.train(was_training)
     scores = torch.cat(out)
     if normalise:
-        scores = (scores - model.score_mean) / model.score_std.clamp_min(1e-6)
+        scores = model.normalised(scores)
     return scores
 
 

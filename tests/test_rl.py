@@ -19,6 +19,7 @@ from palmrl.rl import (
     ppo_policy_loss,
     ppo_value_loss,
     reference_variant_loss,
+    sequence_scores,
     shaped_rewards,
     token_logprobs,
 )
@@ -214,6 +215,27 @@ def test_shaped_rewards_score_clip_and_empty_row():
     assert_close(out.rewards, [[0.0, 0.0, 1.5], [0.0, -0.5, 0.0]])
     with pytest.raises(ValueError, match=r"\[1\]"):
         shaped_rewards(torch.zeros(2), lp, lp, torch.tensor([[T, F, F], [F, F, F]]), kl_coef=0.1)
+
+
+def test_sequence_scores_penalty_then_clip_by_hand():
+    # rows 1 and 3 did not end with eos: -1 each; then clip to +-2
+    raw = torch.tensor([0.5, 0.5, 3.0, -1.5])
+    ended = torch.tensor([T, F, T, F])
+    out = sequence_scores(raw, ended, missing_eos_penalty=-1.0, clip=2.0)
+    assert_close(out.penalised, [0.5, -0.5, 3.0, -2.5])
+    assert_close(out.clipped, [0.5, -0.5, 2.0, -2.0])
+    # the same numbers as adding a 0/penalty vector, bit for bit (what PPO did inline before)
+    assert torch.equal(out.penalised, raw + torch.tensor([0.0, -1.0, 0.0, -1.0]))
+    assert out.penalised.dtype == torch.float32
+
+
+def test_sequence_scores_switched_off():
+    raw = torch.tensor([7.0, -9.0], dtype=torch.float64)
+    out = sequence_scores(raw, torch.tensor([F, F]))
+    assert out.penalised.dtype == torch.float32
+    assert torch.equal(out.penalised, raw.float()) and torch.equal(out.clipped, raw.float())
+    with pytest.raises(ValueError, match="ended shape"):
+        sequence_scores(raw, torch.tensor([T]))
 
 
 def test_gae_one_row_by_hand():

@@ -4,7 +4,10 @@ under torchrun for every stage: test_reliability.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -191,6 +194,81 @@ def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     examples = [SimpleNamespace(prompt=prompt_text(x)) for x in load_prompts(data, "train")]
     policy, _ = policy_from_checkpoint(ckpt)
     return sampled_reward(policy.eval(), ckpt.tokenizer(), examples, samples=samples, max_new_tokens=8, seed=1)
+
+
+def test_ppo_reference_variant_trains_through_its_own_loss(pipeline_run, tmp_path, dist_env, monkeypatch):
+    """ppo.variant=reference end to end: every update goes through rl.reference_variant_loss (lucidrains'
+    objective), the losses it reports are finite, and the actor moves."""
+    from palmrl import checkpoint, rl
+
+    calls = []
+    real = rl.reference_variant_loss
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)  # the minibatch's response logits (b, N, V)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "reference_variant_loss", spy)
+    out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", *PPO_SMALL,
+                            "ppo.variant=reference", f"out_dir={tmp_path / 'lucidrains'}"])
+    assert len(calls) == 4 * 2 * (16 // 8)  # iterations x epochs x minibatches, all through the variant's loss
+    assert all(shape[0] == 8 for shape in calls)
+    rows = [m for m in metrics(out.parent) if m["split"] == "train"]
+    assert len(rows) == 4
+    for row in rows:
+        assert "approx_kl" not in row and "explained_variance" not in row  # the standard loss's terms
+        assert all(math.isfinite(row[k]) for k in ("loss", "policy_loss", "value_loss", "clip_frac", "entropy", "kl"))
+        assert row["entropy"] > 0 and row["value_loss"] >= 0
+    ppo = checkpoint.load(out)
+    assert ppo.manifest["ppo"]["variant"] == "reference"
+    assert any(v.abs().sum() > 0 for k, v in ppo.adapters().items() if "lora_B" in k), "actor did not move"
+
+
+def test_ppo_config_takes_the_yaml_section_and_names_bad_keys():
+    from conftest import compose
+    from palmrl.config import typed
+    from palmrl.stages.ppo import PPOConfig
+
+    section = compose("ppo").ppo
+    assert set(section.keys()) == {f.name for f in dataclasses.fields(PPOConfig)}  # every key typed, no extra field
+    ppo = typed(PPOConfig, section, key="ppo")
+    assert ppo == PPOConfig()  # the dataclass defaults are the YAML's
+    assert ppo.updates_per_iter == 2 * 128 // 32 and not ppo.rloo
+    assert typed(PPOConfig, {"kl_target": 6, "kl_coef": 0}, key="ppo").kl_target == 6.0
+    for values, culprit in [({"minibatch": 0}, "ppo.minibatch: must be >= 1"),
+                            ({"rollout_batch": 20, "minibatch": 8}, "ppo.rollout_batch: must be a multiple of ppo.minibatch (8), got 20"),
+                            ({"rollout_batch": 18, "minibatch": 6}, "ppo.samples_per_prompt: must divide ppo.rollout_batch (18), got 4"),
+                            ({"advantage": "rloo", "samples_per_prompt": 1}, "ppo.samples_per_prompt: must be >= 2 with ppo.advantage=rloo"),
+                            ({"advantage": "rloo", "variant": "reference"}, "ppo.variant: must be standard with ppo.advantage=rloo"),
+                            ({"advantage": "vtrace"}, "ppo.advantage: must be one of gae, rloo"),
+                            ({"variant": "trl"}, "ppo.variant: must be one of standard, reference"),
+                            ({"critic_init": "zero"}, "ppo.critic_init"),
+                            ({"kl_kind": "k9"}, "ppo.kl_kind: must be one of k1, k2, k3, abs"),
+                            ({"kl_coef": -0.1}, "ppo.kl_coef: must be >= 0"),
+                            ({"kl_target": 0}, "ppo.kl_target: must be > 0"),
+                            ({"kl_horizon": 0}, "ppo.kl_horizon"),
+                            ({"top_p": 0.0}, "ppo.top_p"),
+                            ({"score_clip": -1.0}, "ppo.score_clip"),
+                            ({"epochs": 1.5}, "ppo.epochs: expected an integer"),
+                            ({"whiten_advantages": "yes"}, "ppo.whiten_advantages")]:
+        with pytest.raises(UserError, match=re.escape(culprit)):
+            typed(PPOConfig, values, key="ppo")
+
+
+def test_reward_model_normalises_by_its_held_out_statistics():
+    from palmrl.model.palm import ModelConfig, PaLM
+    from palmrl.reward import RewardModel, score
+
+    torch.manual_seed(0)
+    model = RewardModel(PaLM(ModelConfig(vocab_size=32, dim=16, depth=1, heads=2, dim_head=8, max_seq_len=16)))
+    model.score_mean.fill_(2.0)
+    model.score_std.fill_(4.0)
+    assert torch.equal(model.normalised(torch.tensor([2.0, 6.0, -2.0])), torch.tensor([0.0, 1.0, -1.0]))
+    model.score_std.fill_(0.0)  # a degenerate held-out set: the std is floored at 1e-6, never a division by 0
+    assert torch.isfinite(model.normalised(torch.tensor([3.0]))).all()
+    model.score_std.fill_(4.0)
+    tokens, mask = torch.randint(0, 32, (3, 5)), torch.ones(3, 5, dtype=torch.bool)
+    assert torch.equal(score(model, tokens, mask, normalise=True), model.normalised(score(model, tokens, mask)))
 
 
 def test_ppo_bad_input(pipeline_run, tmp_path, dist_env):

@@ -7,7 +7,8 @@ positions only; math is fp32 whatever the input dtype.
   logprobs.py    token_logprobs, entropy_from_logits
   masked.py      masked_mean, masked_var, masked_whiten, explained_variance
   kl.py          kl_penalty (k1/k2/k3/abs), AdaptiveKLController, FixedKLController
-  advantages.py  shaped_rewards (InstructGPT per-token KL reward + score), gae
+  advantages.py  sequence_scores (no-eos penalty, clip), shaped_rewards (InstructGPT per-token KL
+                 reward + score), gae, leave_one_out
   losses.py      ppo_policy_loss, ppo_value_loss, reference_variant_loss (lucidrains objective)
 
 A PPO step, as InstructGPT / Huang et al. 2024 (https://arxiv.org/abs/2403.17031) do it:
@@ -20,7 +21,16 @@ A PPO step, as InstructGPT / Huang et al. 2024 (https://arxiv.org/abs/2403.17031
             entropy bonus: masked_mean(entropy_from_logits(logits), mask)
 """
 
-from palmrl.rl.advantages import Advantages, RewardShaping, gae, last_true_index, leave_one_out, shaped_rewards
+from palmrl.rl.advantages import (
+    Advantages,
+    RewardShaping,
+    SequenceScores,
+    gae,
+    last_true_index,
+    leave_one_out,
+    sequence_scores,
+    shaped_rewards,
+)
 from palmrl.rl.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from palmrl.rl.logprobs import entropy_from_logits, token_logprobs
 from palmrl.rl.losses import (
@@ -41,6 +51,7 @@ __all__ = [
     "PolicyLoss",
     "ReferenceVariantLoss",
     "RewardShaping",
+    "SequenceScores",
     "ValueLoss",
     "entropy_from_logits",
     "explained_variance",
@@ -54,6 +65,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "reference_variant_loss",
+    "sequence_scores",
     "shaped_rewards",
     "token_logprobs",
 ]

@@ -32,6 +32,13 @@ class RewardShaping(NamedTuple):
     scores: Tensor  # (B,) the scores actually added, after `score_clip`
 
 
+class SequenceScores(NamedTuple):
+    """One score per response (fp32), in the order PPO applies the steps."""
+
+    penalised: Tensor  # (B,) the scores plus the missing-eos penalty: what PPO reports as `reward`
+    clipped: Tensor  # (B,) `penalised` clamped to [-clip, clip]: what the last real token receives
+
+
 class Advantages(NamedTuple):
     """GAE output (all detached fp32; 0 on padding)."""
 
@@ -89,6 +96,29 @@ def shaped_rewards(
         non_score_reward=non_score.sum(dim=1),
         scores=scores,
     )
+
+
+@torch.no_grad()
+def sequence_scores(
+    scores: Tensor,
+    ended: Tensor,
+    *,
+    missing_eos_penalty: float | None = None,  # None adds nothing; a value is added to rows that did not end
+    clip: float | None = None,  # None keeps the scores; a value clamps them to [-clip, clip]
+) -> SequenceScores:
+    """Scores (B,) (a reward model's, already normalised, or a reward function's) plus
+    `missing_eos_penalty` where `ended` (B,) bool is False (a response cut at the token budget),
+    then clipped. The penalty tensor lives on `ended`'s device; the result on `scores`'s.
+    """
+    scores = scores.float()
+    if ended.shape != scores.shape:
+        raise ValueError(f"ended shape {tuple(ended.shape)} should be {tuple(scores.shape)}")
+
+    # the penalty lands on responses without eos; 0.0 leaves the others as they were
+    if missing_eos_penalty is not None:
+        scores = scores + torch.where(ended.to(torch.bool), 0.0, float(missing_eos_penalty)).to(scores.device)
+    clipped = scores.clamp(-clip, clip) if clip is not None else scores
+    return SequenceScores(penalised=scores, clipped=clipped)
 
 
 @torch.no_grad()
