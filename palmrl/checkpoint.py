@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 import yaml
@@ -32,8 +33,8 @@ from safetensors.torch import load_file, save_file
 import palmrl
 from palmrl.errors import UserError
 from palmrl.io import quiet_transformers, readable_by_umask, sha256_file, sha256_files, transformers
-from palmrl.model.lora import LoRAConfig, add_lora, load_lora_state_dict, merge_lora, set_lora_scope
 from palmrl.model.hf import HFCausalLM, HFConfig
+from palmrl.model.lora import LoRAConfig, add_lora, load_lora_state_dict, merge_lora, set_lora_scope
 from palmrl.model.registry import build_model, check_vocab, config_from_dict
 from palmrl.tokenizer import HFTokenizer, Tokenizer
 

@@ -11,8 +11,8 @@ import functools
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from palmrl.config import CONFIG_DIR
 from palmrl.errors import UserError

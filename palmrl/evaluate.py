@@ -6,7 +6,8 @@ chat-template prompts, batched KV-cache generation, `palmrl.tasks.check` on the 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

@@ -177,7 +177,8 @@ def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
     P, max_seq_len = decoder.prompt_length, model.config.max_seq_len
     if P + max_new_tokens > max_seq_len:
         raise UserError(f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                        f"max_seq_len ({max_seq_len}): lower max_new_tokens to {max(0, max_seq_len - P)} or shorten the prompt")
+                        f"max_seq_len ({max_seq_len}): lower max_new_tokens to {max(0, max_seq_len - P)} "
+                        f"or shorten the prompt")
 
     was_training = model.training
     model.eval()

@@ -17,11 +17,11 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from palmrl.errors import UserError
-
 
 MAX_JSON_LINE = 1 << 24  # 16 MiB: a longer line is refused before json sees it
 

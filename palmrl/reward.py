@@ -18,7 +18,8 @@ held-out distribution the reward stage measured and stored in its manifest.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

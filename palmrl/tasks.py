@@ -23,8 +23,8 @@ import difflib
 import hashlib
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from palmrl.errors import UserError
 

@@ -37,8 +37,8 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import sentencepiece as spm
 

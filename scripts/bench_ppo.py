@@ -153,11 +153,11 @@ def child_generate(sft: Path, new_tokens: int) -> dict:
     import torch
 
     from palmrl import checkpoint
+    from palmrl.checkpoint import policy_from_checkpoint
     from palmrl.data.chat import as_messages, render_prompt
     from palmrl.data.preferences import load_prompts
     from palmrl.generate import generate
     from palmrl.model.lora import lora_scope
-    from palmrl.checkpoint import policy_from_checkpoint
     from palmrl.model.registry import apply_lora
 
     cfg = compose("ppo", [f"ppo.{k}={v}" for k, v in PPO.items()])  # ppo's sampling knobs, data and lora

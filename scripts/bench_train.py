@@ -75,7 +75,7 @@ def matmul_ceiling(dtype: torch.dtype, sizes: list[int], repeats: int) -> tuple[
     best = (0.0, 0)
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        seconds = median_time(lambda: a @ b, repeats)
+        seconds = median_time(lambda a=a, b=b: a @ b, repeats)
         best = max(best, (2 * n**3 / seconds / 1e9, n))
     return best
 

@@ -11,7 +11,8 @@ loss). A generation prompt is the conversation so far plus `<|assistant|>`.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from palmrl.errors import UserError
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterator, Mapping
 
 from palmrl.errors import UserError
 

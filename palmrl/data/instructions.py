@@ -18,10 +18,11 @@ it is not offered.
 from __future__ import annotations
 
 import hashlib
-import json
 import itertools
+import json
 import os
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch

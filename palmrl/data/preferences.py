@@ -23,8 +23,9 @@ data (`data.val_path` / `data.val_split`, else a hash hold-out of `data.val_frac
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 

@@ -16,8 +16,9 @@ name (`checkpoint.load_source`) refuses remote code unless `model.trust_remote_c
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -7,7 +7,7 @@ causal LM (`palmrl.model.hf`), imported only when used.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from palmrl.errors import UserError
 from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, set_lora_scope

@@ -158,6 +158,7 @@ def leave_one_out(scores: Tensor, group: int) -> Tensor:
     model scoring one prompt's answers all high) cancels, which a learned critic only approximates.
     """
     if group < 2 or scores.shape[0] % group:
-        raise ValueError(f"leave_one_out needs groups of at least 2 that divide the batch, got {group} for {scores.shape[0]}")
+        raise ValueError(f"leave_one_out needs groups of at least 2 that divide the batch, "
+                         f"got {group} for {scores.shape[0]}")
     g = scores.float().view(-1, group)
     return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).reshape(-1)

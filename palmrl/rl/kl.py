@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 KL_KINDS = ("k1", "k2", "k3", "abs")
 ADAPTIVE_ERROR_CLIP = 0.2  # Ziegler et al.: the proportional error is clipped to +-20%
 

@@ -19,9 +19,10 @@ import os
 import random
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from palmrl.errors import UserError
 from palmrl.serving.generator import Completion
@@ -154,7 +155,8 @@ class OpenAIBackend:
         try:
             return str(body["data"][0]["id"])
         except (KeyError, IndexError, TypeError):
-            raise UserError(f"generator.model: {self.base_url}/models lists no model; set generator.model=...") from None
+            raise UserError(f"generator.model: {self.base_url}/models lists no model; "
+                            f"set generator.model=...") from None
 
     def _sleep_before_retry(self, attempt: int, retry_after: str | None) -> None:
         with self._jitter_lock:
@@ -207,7 +209,8 @@ class OpenAIBackend:
             return Completion(read(choice) or "", choice.get("finish_reason") or "stop",
                               int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise UserError(f"generator: {self.base_url}{path} answered without choices[0]: {str(body)[:200]}") from None
+            raise UserError(f"generator: {self.base_url}{path} answered without choices[0]: "
+                            f"{str(body)[:200]}") from None
 
     def _payload(self, params: GenParams) -> dict:
         payload = {"model": self.model, "max_tokens": int(params.max_tokens), "temperature": float(params.temperature),

@@ -22,10 +22,10 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from palmrl.errors import UserError
 from palmrl.io import read_jsonl, write_atomic
@@ -140,7 +140,8 @@ class SelfInstruct:
         for i, s in enumerate(self.seeds):
             self.record_filter.add(Fields(s["instruction"], s["input"], s["output"]), i)
         for i, rec in enumerate(self.kept):
-            self.record_filter.add(Fields(rec["instruction"], rec.get("input") or "", rec["output"]), len(self.seeds) + i)
+            fields = Fields(rec["instruction"], rec.get("input") or "", rec["output"])
+            self.record_filter.add(fields, len(self.seeds) + i)
         self.rounds = 0
         self._pending_key = 0
         self.calls = {"instruction": 0, "response": 0}

@@ -27,7 +27,8 @@ short enough for a small model's context.
 from __future__ import annotations
 
 import re
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 HEADER = ("Come up with new tasks for an AI assistant. Each task has an instruction and, when the task "
           "needs one, an input. Make each new task different from the ones above it: vary the verbs, "

@@ -25,9 +25,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from palmrl.errors import UserError
 from palmrl.serving.generator import Completion, Delta, Row, Sampling
@@ -144,7 +144,8 @@ class Server:
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if body.stream:
-            return self._sse(job, meta, chat=False, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return self._sse(job, meta, chat=False, include_usage=include_usage)
         done = await self._choices(job)
         return {**meta, "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                                     for i, c in enumerate(done)],
@@ -191,7 +192,8 @@ class Server:
                         if d.finish_reason is not None:
                             yield chunk(d.row, None, d.finish_reason)
                 if include_usage:
-                    yield f"data: {json.dumps({**meta, 'choices': [], 'usage': self._usage(job.rows, sum(tokens))})}\n\n"
+                    usage = self._usage(job.rows, sum(tokens))
+                    yield f"data: {json.dumps({**meta, 'choices': [], 'usage': usage})}\n\n"
             except HTTPFailure as err:  # headers are gone: report in-band, as OpenAI does
                 yield f"data: {json.dumps(err.body())}\n\n"
             yield "data: [DONE]\n\n"
@@ -264,8 +266,8 @@ def build_app(server: Server):
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception):
-        return JSONResponse(HTTPFailure(500, f"internal error: {type(err).__name__}: {err}", kind="server_error").body(),
-                            status_code=500)
+        failure = HTTPFailure(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+        return JSONResponse(failure.body(), status_code=500)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):

@@ -20,9 +20,10 @@ turn), with finish_reason "stop"; at its token limit with "length" (OpenAI's two
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 

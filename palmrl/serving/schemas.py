@@ -7,7 +7,7 @@ fails validation, which the app (palmrl/serving/app.py) answers with a 400 namin
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,7 +23,7 @@ class Body(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0 = off
     n: int = Field(default=1, ge=1)
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
     user: str | None = None
@@ -70,7 +70,7 @@ class StreamOptions(BaseModel):
 
 
 class CompletionBody(Body):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -114,7 +114,7 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:

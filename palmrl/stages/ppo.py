@@ -26,11 +26,12 @@ import copy
 import hashlib
 import importlib
 import math
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import deepspeed
 import torch
@@ -49,13 +50,13 @@ from palmrl.generate import generate
 from palmrl.model.heads import ScalarHead
 from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, lora_scope, lora_state_dict
 from palmrl.model.palm import ModelConfig, PaLM
+from palmrl.model.registry import apply_lora
 from palmrl.reward import RewardModel, last_positions, reward_model_from_checkpoint
 from palmrl.runtime import Dist, init_distributed, seed_everything
-from palmrl.model.registry import apply_lora
 from palmrl.stages.common import export_split
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
-TRAIN_PROMPT_SAMPLES = 8  # samples per training prompt for its true reward (1,600 with 200 prompts): the demo's PPO gate reads it
+TRAIN_PROMPT_SAMPLES = 8  # samples per training prompt for its true reward (1,600 with 200 prompts): the demo gate
 
 
 @dataclass(frozen=True)
@@ -71,11 +72,11 @@ class PPOConfig:
     temperature: float = 1.0            # 1.0 samples the policy's own distribution
     top_k: int = 0                      # 0 disables; truncation makes log-probs off-policy
     top_p: float = 1.0                  # 1.0 disables, for the same reason
-    kl_coef: float = 0.1                # β (initial value when adaptive); higher resists reward hacking of a weak reward model
-    kl_target: float | None = None      # a target KL (nats per sequence) turns on the adaptive controller (Ziegler et al.)
+    kl_coef: float = 0.1                # β (initial value when adaptive); higher resists hacking a weak reward model
+    kl_target: float | None = None      # a target KL (nats per sequence) turns on the adaptive controller
     kl_horizon: int = 10000             # adaptive controller horizon, in sequences
     kl_kind: str = "k1"                 # per-token KL estimator, one of rl.KL_KINDS; k1 is InstructGPT's
-    advantage: Literal["gae", "rloo"] = "gae"  # gae: learned critic (InstructGPT); rloo: leave-one-out baseline, no critic
+    advantage: Literal["gae", "rloo"] = "gae"  # gae: learned critic (InstructGPT); rloo: leave-one-out, no critic
     gamma: float = 1.0                  # no discount: the episode is one short response
     lam: float = 0.95                   # GAE λ
     clip_eps: float = 0.2               # policy ratio clip (Schulman et al. 2017)
@@ -86,7 +87,7 @@ class PPOConfig:
     normalise_scores: bool = True       # reward-model scores over the RM's held-out distribution
     score_clip: float | None = 5.0      # clip (normalised) scores to ±score_clip; null disables
     missing_eos_penalty: float | None = -1.0  # added to the score of a response cut without eos; null disables
-    critic_init: Literal["reward", "policy"] = "reward"  # reward: value scope and head from the reward model (InstructGPT)
+    critic_init: Literal["reward", "policy"] = "reward"  # reward: value scope and head from the RM (InstructGPT)
     max_kl: float = 25.0                # stop (keeping the last good checkpoint) past this mean KL per sequence
 
     def __post_init__(self):
@@ -227,7 +228,7 @@ def run(cfg: DictConfig) -> Path:
     seed_everything(int(cfg.seed))
     recipe = PPORecipe(cfg, ppo, dist)  # models, then data: model initialisation draws from the seeded RNG
     trainer = recipe.build_trainer()
-    start_rows = recipe.start_rows()  # embedded tasks: measures the SFT policy once the engine exists, before any update
+    start_rows = recipe.start_rows()  # embedded tasks: the SFT policy measured once the engine exists, before updates
     return trainer.fit(recipe.step, recipe.evaluate, start_rows=start_rows)
 
 
@@ -272,7 +273,8 @@ class PPORecipe:
             init_critic_from_reward(module, reward_model, shared)
         critic_from = "reward model" if from_reward else "policy (fresh value head)"
         if ppo.rloo:
-            critic_from = f"none: leave-one-out baseline over {ppo.samples_per_prompt} samples per prompt (ppo.advantage=rloo)"
+            critic_from = (f"none: leave-one-out baseline over {ppo.samples_per_prompt} samples per prompt "
+                           f"(ppo.advantage=rloo)")
         actor_lora = {"scopes": {ACTOR: lora_spec["scopes"][ACTOR]}, "active": ACTOR} if use_lora else {}
         return Models(palm, model_config, use_lora, module, reference, reward_model, reward_fn,
                       str(reward_ckpt.path) if reward_ckpt else None, shared, actor_lora, critic_from)
@@ -280,7 +282,8 @@ class PPORecipe:
     def load_reward(self) -> checkpoint.Checkpoint:
         reward_ckpt = checkpoint.load(self.cfg.reward, key="reward", stages=["reward"])
         if reward_ckpt.manifest.get("tokenizer_sha256") != self.policy_ckpt.manifest.get("tokenizer_sha256"):
-            raise UserError(f"reward: {reward_ckpt.path} uses a different tokenizer than policy {self.policy_ckpt.path}")
+            raise UserError(f"reward: {reward_ckpt.path} uses a different tokenizer than policy "
+                            f"{self.policy_ckpt.path}")
         return reward_ckpt
 
     def build_reward_model(self, reward_ckpt: checkpoint.Checkpoint, palm: PaLM, shared: bool) -> RewardModel:
@@ -291,7 +294,8 @@ class PPORecipe:
 
         # the reward adapters become a frozen scope of the shared base; the head stays outside
         spec = reward_ckpt.manifest["lora"]["scopes"][REWARD]
-        add_lora(palm, REWARD, LoRAConfig(rank=int(spec["rank"]), alpha=float(spec["alpha"]), targets=tuple(spec["targets"])))
+        add_lora(palm, REWARD, LoRAConfig(rank=int(spec["rank"]), alpha=float(spec["alpha"]),
+                                          targets=tuple(spec["targets"])))
         own = dict(palm.named_parameters())
         with torch.no_grad():
             for name, tensor in lora_state_dict(rm.palm, REWARD).items():
@@ -309,8 +313,8 @@ class PPORecipe:
         self.eval_examples = tasks.make_examples("test", int(cfg.train.eval_examples), seed=self.seed,
                                                  tasks=cfg.data.get("tasks")) if on_tasks else []
         # the training prompts' true reward, measured on a fixed sample of them (what PPO optimises)
-        self.pool_examples = [SimpleNamespace(prompt=prompt_text(x)) for x in self.prompts[:int(cfg.train.eval_examples)]] \
-            if on_tasks else []
+        pool = self.prompts[:int(cfg.train.eval_examples)] if on_tasks else []
+        self.pool_examples = [SimpleNamespace(prompt=prompt_text(x)) for x in pool]
         self.prompt_ids = [render_prompt(self.tokenizer, as_messages(pr)) for pr in self.prompts]
         too_long = [i for i, ids in enumerate(self.prompt_ids) if len(ids) + max_new > max_len]
         if too_long:
@@ -379,7 +383,8 @@ class PPORecipe:
             out = generate(models.palm, [self.prompt_ids[i] for i in indices], max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p, eos_id=eos_id,
                            pad_id=self.tokenizer.pad_id, generator=generator, stop_early=not self.zero3_multi_rank)
-        seq, attn, mask, P = out.sequences.to(device), out.attention_mask.to(device), out.response_mask.to(device), out.prompt_length
+        seq, attn, mask = out.sequences.to(device), out.attention_mask.to(device), out.response_mask.to(device)
+        P = out.prompt_length
 
         # sampling-time log-probs and values, the reference's log-probs, the scores
         logits, values = self.engine(seq, attn)
@@ -399,7 +404,8 @@ class PPORecipe:
                                        kl_coef=self.kl_ctl.value, kl_kind=ppo.kl_kind)
             adv = rl.gae(shaped.rewards, torch.zeros_like(values), mask, gamma=1.0, lam=1.0)
         else:
-            shaped = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=self.kl_ctl.value, kl_kind=ppo.kl_kind)
+            shaped = rl.shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=self.kl_ctl.value,
+                                       kl_kind=ppo.kl_kind)
             adv = rl.gae(shaped.rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
         advantages = rl.masked_whiten(adv.advantages, mask) if ppo.whiten_advantages else adv.advantages
         models.module.train()
@@ -464,7 +470,8 @@ class PPORecipe:
             parts.update(value_loss=val.loss.item(), explained_variance=val.explained_variance.item())
         return loss, parts
 
-    def reference_minibatch_loss(self, data: Rollout, idx: Tensor, logits: Tensor, values: Tensor) -> tuple[Tensor, dict]:
+    def reference_minibatch_loss(self, data: Rollout, idx: Tensor, logits: Tensor,
+                                 values: Tensor) -> tuple[Tensor, dict]:
         """lucidrains' objective (ppo.variant=reference) for comparison; see rl.reference_variant_loss."""
         ppo, mask = self.ppo, data.mask[idx]
         out = rl.reference_variant_loss(logits, data.old_logits[idx], data.sequences[idx, data.prompt_length:],
@@ -485,7 +492,7 @@ class PPORecipe:
                 "format_rate": score.format_rate, "response_tokens": score.mean_length}
 
     def true_reward(self, scope: str | None):
-        """(greedy task score, sampled true reward on held-out prompts, on training prompts) of the policy in `scope`."""
+        """(greedy task score, sampled true reward on held-out prompts, on training prompts) of `scope`'s policy."""
         max_new, temperature, palm = self.ppo.max_new_tokens, self.ppo.temperature, self.models.palm
         with lora_scope(palm, scope):
             score = task_score(palm, self.tokenizer, self.eval_examples, max_new_tokens=max_new)
@@ -503,7 +510,8 @@ class PPORecipe:
                 "shared base (LoRA scopes)": ", ".join(s for s in scopes if s) if models.use_lora
                 else f"no (full fine-tuning: separate reference{'' if ppo.rloo else ' and critic'})",
                 "critic init": models.critic_from, "updates per iteration": ppo.updates_per_iter,
-                "KL control": f"adaptive, target {ppo.kl_target}" if ppo.kl_target is not None else f"fixed β={ppo.kl_coef}"}
+                "KL control": (f"adaptive, target {ppo.kl_target}" if ppo.kl_target is not None
+                               else f"fixed β={ppo.kl_coef}")}
         if self.eval_examples:
             before, before_sampled, before_train = self.true_reward(None)
             self.trainer.manifest_extra.update(init_accuracy=before.accuracy, init_sampled_reward=before_sampled,

@@ -23,8 +23,8 @@ from palmrl.data.tokens import TokenBatches, build_token_shards
 from palmrl.engine import Trainer
 from palmrl.errors import UserError
 from palmrl.model.palm import ModelConfig, PaLM
-from palmrl.runtime import init_distributed, seed_everything
 from palmrl.model.registry import check_vocab
+from palmrl.runtime import init_distributed, seed_everything
 from palmrl.stages.common import tokenizer_for_training
 
 

@@ -16,13 +16,18 @@ from omegaconf import DictConfig
 
 from palmrl.config import Invalid, typed
 from palmrl.data.instructions import ShuffledBatches
-from palmrl.data.preferences import (collate_pairs, collate_ratings, load_preference_pairs, load_ratings,
-                                     policy_task_pairs)
+from palmrl.data.preferences import (
+    collate_pairs,
+    collate_ratings,
+    load_preference_pairs,
+    load_ratings,
+    policy_task_pairs,
+)
 from palmrl.engine import Hooks, Trainer
 from palmrl.errors import UserError
+from palmrl.model.registry import apply_lora
 from palmrl.reward import RewardModel, binned_loss, pairwise_loss
 from palmrl.runtime import init_distributed, seed_everything
-from palmrl.model.registry import apply_lora
 from palmrl.stages.common import export_split, policy_source
 
 SCOPE = "reward"

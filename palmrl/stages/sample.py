@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 from palmrl import checkpoint
 from palmrl.errors import UserError
 from palmrl.generate import generate_responses
-from palmrl.runtime import seed_everything
 from palmrl.model.registry import config_from_dict
+from palmrl.runtime import seed_everything
 
 BATCH = 32  # prompts decoded together
 

@@ -23,8 +23,8 @@ from palmrl.data.instructions import IGNORE_INDEX, ShuffledBatches, build_sft_ex
 from palmrl.engine import Hooks, Trainer
 from palmrl.errors import UserError
 from palmrl.evaluate import sampled_reward, task_score
-from palmrl.runtime import init_distributed, seed_everything
 from palmrl.model.registry import apply_lora
+from palmrl.runtime import init_distributed, seed_everything
 from palmrl.stages.common import export_split, policy_source
 
 SCOPE = "sft"
