@@ -29,7 +29,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m unit
 
 lint: install
 	$(BIN)/ruff check palmrl scripts tests

@@ -1,9 +1,17 @@
 """Shared test setup: one-process torch.distributed (gloo), offline trackers, a private data cache,
-and helpers to compose stage configs the way the CLI does."""
+helpers to compose stage configs the way the CLI does, the two session runs of `palmrl pipeline`
+(`tiny_chain` for plumbing, `pipeline_run` for the quality gates), and the marker check.
+
+Every test carries exactly the marker of its kind (registered in pyproject.toml):
+  unit         fast, in-process; no stage runs beyond tiny ones (`make test-fast`)
+  integration  stage runs on the tiny chain, CLI subprocesses
+  multiproc    2 ranks under torchrun or the deepspeed launcher
+  quality      gates measured on the full demo pipeline (`pipeline_run`)"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +84,36 @@ def palmrl_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
                           capture_output=True, timeout=timeout, input=stdin)
 
 
+KINDS = ("unit", "integration", "multiproc", "quality")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test without exactly one of the four kinds; run the quality gates last (the demo
+    pipeline they wait for runs in the background meanwhile, see `pipeline_run`)."""
+    unmarked = [item.nodeid for item in items if sum(item.get_closest_marker(kind) is not None for kind in KINDS) != 1]
+    if unmarked:
+        raise pytest.UsageError(f"tests without exactly one marker of {'/'.join(KINDS)} (see tests/conftest.py):\n  "
+                                + "\n  ".join(unmarked))
+    items.sort(key=lambda item: item.get_closest_marker("quality") is not None)
+
+
 # The test profile of `palmrl pipeline`: the demo's code path with fewer steps (see test_pipeline.py).
 PIPELINE_ARGS = ["run_name=ci"]
+
+# A few dozen steps per stage: checkpoints of every stage for plumbing, reliability and bad-input
+# tests, in about a minute. Not trained to any quality: assertions on it are about mechanics.
+TINY_CHAIN_ARGS = [
+    "run_name=tiny", "stages=[tokenizer,pretrain,sft,reward,ppo]",
+    "pretrain.train.max_steps=20", "pretrain.train.micro_batch_size=8", "pretrain.train.seq_len=64",
+    "pretrain.train.eval_every=0", "pretrain.train.eval_batches=2", "pretrain.train.save_every=0",
+    "sft.train.max_steps=20", "sft.train.micro_batch_size=16", "sft.train.eval_every=0", "sft.train.eval_examples=16",
+    "sft.train.save_every=0", "sft.data.train_size=512", "sft.data.val_size=32",
+    "reward.train.max_steps=20", "reward.train.micro_batch_size=16", "reward.train.eval_every=0",
+    "reward.train.save_every=0", "reward.data.train_size=256", "reward.data.val_size=64", "reward.data.policy_negatives=0",
+    "ppo.train.max_steps=4", "ppo.train.eval_every=0", "ppo.train.eval_examples=16", "ppo.train.save_every=0",
+    "ppo.ppo.rollout_batch=16", "ppo.ppo.minibatch=8", "ppo.ppo.max_new_tokens=8", "ppo.data.train_size=64",
+]
 
 
 @pytest.fixture(scope="session")
@@ -86,15 +122,67 @@ def pipeline_args():
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, pipeline_args):
-    """Run the whole pipeline once per session; returns runs/<run_name>.
+def tiny_chain_args():
+    return list(TINY_CHAIN_ARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory, tiny_chain_args):
+    """tokenizer → pretrain → sft → reward → ppo through `palmrl pipeline` with a few dozen steps each,
+    once per session; returns runs/tiny. PALMRL_TEST_TINY_CHAIN=<an earlier runs/tiny> reuses one."""
+    reuse = os.environ.get("PALMRL_TEST_TINY_CHAIN")
+    if reuse:
+        return Path(reuse)
+    work = tmp_path_factory.mktemp("tiny-chain")
+    proc = palmrl_cli("pipeline", *tiny_chain_args, cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work / "runs" / "tiny"
+
+
+class BackgroundPipeline:
+    """The demo pipeline started as soon as the session begins, so it trains while the other tests
+    run; its output goes to files (a pipe could fill up and stall it)."""
+
+    def __init__(self, work: Path, args: list[str]):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+        env["PALMRL_CONFIG_DIR"] = str(CONFIG_DIR)
+        self.work, self.log = work, work / "pipeline.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "palmrl", "pipeline", *args], cwd=work, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float) -> Path:
+        code = self.proc.wait(timeout=timeout)
+        assert code == 0, self.log.read_text()[-4000:]
+        return self.work / "runs" / "ci"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:  # the session ended before a quality test needed it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_pipeline(request, tmp_path_factory, pipeline_args, _private_cache):
+    """Start the demo pipeline at the first test when a selected test needs `pipeline_run`."""
+    wanted = any("pipeline_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if not wanted or os.environ.get("PALMRL_TEST_PIPELINE_RUN"):
+        yield None
+        return
+    background = BackgroundPipeline(tmp_path_factory.mktemp("pipeline"), pipeline_args)
+    yield background
+    background.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(_demo_pipeline):
+    """The whole demo pipeline, run once per session (started in the background at the first test);
+    returns runs/<run_name>. Only the quality gates use it: everything else uses `tiny_chain`.
 
     PALMRL_TEST_PIPELINE_RUN=<runs/ci folder of an earlier `palmrl pipeline run_name=ci`> reuses that
     run instead (a development shortcut; CI always runs the pipeline)."""
     reuse = os.environ.get("PALMRL_TEST_PIPELINE_RUN")
     if reuse:
         return Path(reuse)
-    work = tmp_path_factory.mktemp("pipeline")
-    proc = palmrl_cli("pipeline", *pipeline_args, cwd=work, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return work / "runs" / "ci"
+    return _demo_pipeline.wait(timeout=1800)

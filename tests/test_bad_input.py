@@ -177,17 +177,19 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+@pytest.mark.unit
 def test_the_corpus_is_large_enough():
     assert len(CASES) >= 25
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("build,culprit", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2(build, culprit, pipeline_run, tmp_path, monkeypatch, dist_env):
+def test_bad_input_is_one_line_exit_2(build, culprit, tiny_chain, tmp_path, monkeypatch, dist_env):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')  # earlier work
-    argv = build(tmp_path, pipeline_run)
+    argv = build(tmp_path, tiny_chain)
     if argv[0] in ("pretrain", "sft", "reward", "ppo"):
         argv = [*argv, f"out_dir={out}"]
     code, stderr = run_cli(argv)
@@ -199,6 +201,7 @@ def test_bad_input_is_one_line_exit_2(build, culprit, pipeline_run, tmp_path, mo
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "split": "train", "loss": 1.0}\n'
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv,culprit", [
     (["pretrain", "train.max_steps=abc"], "train.max_steps"),
     (["sample", "ckpt=/no/such/ckpt", "prompt=x"], "/no/such/ckpt"),
@@ -213,6 +216,7 @@ def test_bad_input_through_the_real_command(argv, culprit, tmp_path):
 
 # ---- property-based: the data readers never fail with anything but a UserError ----------------
 
+@pytest.mark.unit
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=40),
                           st.dictionaries(st.sampled_from(["instruction", "input", "output", "prompt", "x"]),
@@ -231,6 +235,7 @@ def test_instruction_reader_fails_only_with_a_user_error(tmp_path_factory, lines
         assert all(isinstance(m["content"], str) for r in records for m in r["messages"])
 
 
+@pytest.mark.unit
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.binary(max_size=40),
                           st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "y"]),

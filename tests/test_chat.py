@@ -6,6 +6,8 @@ from palmrl.data.chat import clean_response, prompt_tokens, render_chat, render_
 from palmrl.errors import UserError
 from palmrl.tokenizer import byte_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tok():

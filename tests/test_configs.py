@@ -13,6 +13,8 @@ from conftest import CONFIG_DIR, compose
 from palmrl.cli import STAGES
 from palmrl.model.palm import ModelConfig, PaLM
 
+pytestmark = pytest.mark.unit
+
 STAGE_FILES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base")
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONFIG_DIR.iterdir() if g.is_dir()}
 

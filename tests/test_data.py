@@ -20,6 +20,8 @@ from palmrl.data.tokens import TokenBatches, build_token_shards
 from palmrl.errors import UserError
 from palmrl.tokenizer import byte_tokenizer
 
+pytestmark = pytest.mark.unit
+
 DOCS = ["first document", "second one\nwith two lines", "third: ünïcödé 😀", "fourth", "fifth and last"]
 
 

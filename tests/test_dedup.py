@@ -76,6 +76,7 @@ def crafted() -> tuple[list[str], set[int], set[int]]:
     return lines, exact, near
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["minhash", "rouge"])
 def test_planted_duplicates_precision_recall(method):
     lines, exact, near = crafted()
@@ -91,6 +92,7 @@ def test_planted_duplicates_precision_recall(method):
     assert rf.kept == len(DISTINCT)
 
 
+@pytest.mark.unit
 def test_exact_method_keeps_near_duplicates():
     lines, exact, near = crafted()
     rf = RecordFilter(FilterConfig(), DedupConfig(method="exact"))
@@ -98,6 +100,7 @@ def test_exact_method_keeps_near_duplicates():
     assert removed == exact
 
 
+@pytest.mark.unit
 def test_each_filter_fires_on_its_case():
     rf = RecordFilter()
     ok = {"instruction": "Explain how a kettle boils water", "input": "", "output": "It heats an element."}
@@ -116,6 +119,7 @@ def test_each_filter_fires_on_its_case():
     assert rf.counts()["unparsable"] == 1 and rf.kept == 1
 
 
+@pytest.mark.unit
 def test_record_shapes_and_normalisation():
     assert record_fields({"prompt": "a", "completion": "b"}).output == "b"
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}
@@ -124,6 +128,7 @@ def test_record_shapes_and_normalisation():
     assert normalize("  Héllo,   WORLD!! ") == "héllo world"
 
 
+@pytest.mark.unit
 def test_config_blocks_match_the_code_defaults():
     """dedup.yaml and selfinstruct.yaml carry the same filter/dedup blocks, equal to the dataclass defaults."""
     for stage in ("dedup", "selfinstruct"):
@@ -137,6 +142,7 @@ def test_config_blocks_match_the_code_defaults():
     assert yaml.safe_load((CONFIG_DIR / "dedup.yaml").read_text())["in"] == "???"
 
 
+@pytest.mark.unit
 def test_dedup_stage_writes_kept_removed_and_report(tmp_path):
     lines, exact, near = crafted()
     src = tmp_path / "gen.jsonl"
@@ -159,6 +165,7 @@ def test_dedup_stage_writes_kept_removed_and_report(tmp_path):
         run_stage("dedup", [f"in={src}", f"out={src}", f"out_dir={tmp_path}", "overwrite=true"])
 
 
+@pytest.mark.integration
 def test_cli_parses_in_and_out(tmp_path):
     """`in` is a Python keyword but a fine config key: the real command line takes it."""
     src = tmp_path / "a.jsonl"
@@ -170,6 +177,7 @@ def test_cli_parses_in_and_out(tmp_path):
         run_stage("dedup", [f"in={tmp_path / 'nope.jsonl'}", f"out={tmp_path / 'c.jsonl'}", f"out_dir={tmp_path}"])
 
 
+@pytest.mark.integration
 def test_a_line_nested_too_deeply_is_an_unparsable_record_not_a_crash(tmp_path):
     src = tmp_path / "in.jsonl"
     good = {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris."}

@@ -9,7 +9,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.unit
 
 
 def test_dockerfile_lints_clean():

@@ -11,7 +11,7 @@ from palmrl.model import ModelConfig, PaLM
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def tiny_model(**overrides) -> PaLM:

@@ -85,6 +85,7 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "final" / "manifest.json").read_text())
 
 
+@pytest.mark.integration
 def test_sft_reward_ppo_sample_export_on_an_hf_model(hf_run, dist_env):
     family, source, root = hf_run
     run_stage("sft", ["model=hf", f"model.path={source}", "lora=none", TASKS, "data.train_size=8000",
@@ -154,6 +155,7 @@ def assert_export_matches(ckpt_dir: Path, exported: Path) -> None:
     assert (exported / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+@pytest.mark.integration
 def test_lora_on_an_hf_model_trains_adapters_only(hf_run, dist_env):
     from palmrl import checkpoint
 
@@ -169,6 +171,7 @@ def test_lora_on_an_hf_model_trains_adapters_only(hf_run, dist_env):
     assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)
 
 
+@pytest.mark.integration
 def test_hf_bad_input(tmp_path, dist_env):
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
@@ -195,6 +198,7 @@ def test_hf_bad_input(tmp_path, dist_env):
         run_stage("sft", ["model=hf", f"out_dir={tmp_path / 'd'}"])
 
 
+@pytest.mark.multiproc
 def test_two_ranks_zero3_and_resume_on_an_hf_model(sources, tmp_path):
     """torchrun, ZeRO-3 (parameters partitioned across ranks), stop after 2 steps, resume=auto to 4;
     the consolidated checkpoint loads in one process and exports. (GPT-2 only: its tied output
@@ -222,6 +226,7 @@ def test_two_ranks_zero3_and_resume_on_an_hf_model(sources, tmp_path):
 
 
 
+@pytest.mark.unit
 def test_kv_cache_generation_matches_full_forward(hf_run):
     """Left-padded ragged prompts through the model's own cache give the tokens and logits of
     recomputing everything at each step."""
@@ -242,6 +247,7 @@ def test_kv_cache_generation_matches_full_forward(hf_run):
     torch.testing.assert_close(full[0, runs[0].prompt_length - 1], alone[0, -1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.integration
 def test_remote_code_is_never_run_without_consent(tmp_path, dist_env):
     """A model folder that ships its own Python (auto_map) is refused unless trust_remote_code=true,
     and its code does not run."""

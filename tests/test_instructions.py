@@ -17,6 +17,8 @@ from palmrl.data.instructions import (
 from palmrl.errors import UserError
 from palmrl.tokenizer import byte_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tok():

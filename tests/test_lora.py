@@ -24,7 +24,7 @@ CONFIG = ModelConfig(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_se
 TOKENS = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def base_model() -> PaLM:

@@ -13,7 +13,7 @@ from palmrl.model.palm import attend_bmm
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = dict(vocab_size=97, dim=32, depth=2, heads=4, dim_head=8, max_seq_len=64)
 VARIANTS = {

@@ -1,12 +1,14 @@
 """The main job: `palmrl pipeline` end to end on the embedded data, with every stage's quality gate.
 
-One pipeline run (the test profile: the same code path, fewer steps) is shared by the stage tests
-in test_stages.py through the `pipeline_run` fixture in conftest.py.
+One pipeline run (the test profile: the same code path, fewer steps) is shared by the quality
+gates here and in test_stages.py through the `pipeline_run` fixture in conftest.py; the plumbing
+tests use the session's `tiny_chain` instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -15,11 +17,30 @@ def manifest(run_dir, stage):
     return json.loads((run_dir / stage / "final" / "manifest.json").read_text())
 
 
+@pytest.mark.quality
 def test_pretrain_beats_unigram_baseline(pipeline_run):
     m = manifest(pipeline_run, "pretrain")["metrics"]
     assert m["loss"] < m["unigram_loss"] - 0.3, m
 
 
+@pytest.mark.quality
+def test_pretrain_validation_loss_drops(pipeline_run):
+    out = pipeline_run / "pretrain"
+    val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"split": "val"' in line]
+    first, last = val[0]["loss"], val[-1]["loss"]
+    assert math.log(2048) - last > 2.0, f"val loss {last:.3f} barely below uniform {math.log(2048):.3f}"
+    assert last < first - 0.3
+    assert last < val[-1]["unigram_loss"], "a trained LM must beat the unigram baseline"
+
+    final = out / "final"
+    m = manifest(pipeline_run, "pretrain")
+    assert m["stage"] == "pretrain" and m["step"] == 300  # configs/pipeline.yaml: train.max_steps=300
+    assert m["metrics"]["loss"] == pytest.approx(last)
+    assert {"model.safetensors", "model.yaml", "tokenizer.model", "manifest.json"} <= {p.name for p in final.iterdir()}
+    assert (out / "step-000150").is_dir() and (out / "config.yaml").is_file()  # train.save_every=150
+
+
+@pytest.mark.quality
 def test_sft_raises_checker_accuracy(pipeline_run):
     sft = manifest(pipeline_run, "sft")
     acc, before = sft["metrics"]["accuracy"], sft["init_accuracy"]
@@ -27,11 +48,13 @@ def test_sft_raises_checker_accuracy(pipeline_run):
     assert sft["metrics"]["format_rate"] >= 0.9
 
 
+@pytest.mark.quality
 def test_reward_model_accuracy_above_chance(pipeline_run):
     acc = manifest(pipeline_run, "reward")["metrics"]["accuracy"]
     assert acc >= 0.70, acc
 
 
+@pytest.mark.quality
 def test_ppo_raises_true_reward_within_the_kl_bound(pipeline_run):
     """The RLHF gate: PPO against the *learned* reward model raises the policy's true reward (the task
     checker, which PPO never sees) on its prompts, with the KL to the SFT policy bounded.
@@ -54,6 +77,7 @@ def test_ppo_raises_true_reward_within_the_kl_bound(pipeline_run):
     assert ppo["metrics"]["accuracy"] >= ppo["init_accuracy"] - 0.08
 
 
+@pytest.mark.quality
 def test_best_of_n_not_worse_than_single_sample(pipeline_run):
     report = json.loads((pipeline_run / "report" / "report.json").read_text())
     curve = report["best_of_n"]
@@ -63,6 +87,7 @@ def test_best_of_n_not_worse_than_single_sample(pipeline_run):
     assert rewards[ns[-1]] >= rewards[ns[0]], rewards
 
 
+@pytest.mark.quality
 def test_report_lists_real_plots(pipeline_run):
     report_dir = pipeline_run / "report"
     text = (report_dir / "report.md").read_text()
@@ -74,14 +99,17 @@ def test_report_lists_real_plots(pipeline_run):
         assert png.name in text
 
 
-def test_rerun_skips_finished_stages(pipeline_run, pipeline_args, tmp_path):
+@pytest.mark.integration
+def test_rerun_skips_finished_stages(tiny_chain, tiny_chain_args, tmp_path):
     from conftest import palmrl_cli
 
-    proc = palmrl_cli("pipeline", *pipeline_args, "stages=[pretrain,sft]", cwd=pipeline_run.parent.parent)
+    same = [arg for arg in tiny_chain_args if not arg.startswith("stages=")]
+    proc = palmrl_cli("pipeline", *same, "stages=[pretrain,sft]", cwd=tiny_chain.parent.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pretrain: already done" in proc.stderr and "sft: already done" in proc.stderr
 
 
+@pytest.mark.integration
 def test_model_and_zero_choices_reach_the_stages(tmp_path):
     """`palmrl pipeline model=palm_small zero=stage2 …` (the issue's command): model= and zero= are
     config groups of the pipeline, passed on to the stages by name; a value inside them is refused."""
@@ -89,7 +117,8 @@ def test_model_and_zero_choices_reach_the_stages(tmp_path):
 
     from palmrl.tokenizer import Tokenizer
 
-    proc = palmrl_cli("pipeline", "model=palm_small", "zero=stage2", "run_name=small", "stages=[tokenizer]", cwd=tmp_path)
+    proc = palmrl_cli("pipeline", "model=palm_small", "zero=stage2", "run_name=small", "stages=[tokenizer]",
+                      "tokenizer.tokenizer.max_documents=500", cwd=tmp_path)  # 8192 pieces in seconds, not a minute
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model=palm_small" in proc.stderr  # the stage command the pipeline prints
     assert Tokenizer.load(tmp_path / "runs" / "small" / "tokenizer").vocab_size == 8192  # palm_small's vocabulary

@@ -1,10 +1,11 @@
 """Nothing lost, nothing executed that should not be (docs/reliability.md).
 
-kill -9 at a seeded random step of every training stage at 1 and 2 ranks, then resume=auto, gives
-the same weights and metrics as an uninterrupted run; a kill in the middle of a checkpoint write
-leaves the previous one valid and resumed from; SIGTERM/SIGINT save and exit 0; a planted pickle
-is refused without running; NaN/Inf steps are skipped or stop the run as configured; a full or
-read-only output folder fails before training starts.
+kill -9 at a seeded random step of every training stage at 1 rank (pretrain and ppo also at 2
+ranks), then resume=auto, gives the same weights and metrics, bit for bit, as an uninterrupted run;
+a kill in the middle of a checkpoint write leaves the previous one valid and resumed from;
+SIGTERM/SIGINT save and exit 0; a planted pickle is refused without running; NaN/Inf steps are
+skipped or stop the run as configured; a full or read-only output folder fails before training
+starts. The parents of every run are the session's `tiny_chain` checkpoints.
 """
 
 from __future__ import annotations
@@ -139,13 +140,19 @@ def straight_runs(tmp_path_factory):
 
 # ---- 1. kill -9 at a random step, then resume=auto ------------------------------------------
 
-@pytest.mark.parametrize("ranks", [1, 2])
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
-def test_kill_at_random_step_then_resume_equals_straight_run(stage, ranks, pipeline_run, straight_runs, tmp_path):
-    reference = straight_runs(stage, ranks, pipeline_run)
+# every stage at 1 rank; at 2 ranks the two ends: sharded optimizer state (pretrain) and sharded
+# rollouts with a frozen reference and reward model (ppo). sft and reward share pretrain's loop.
+KILL_MATRIX = [pytest.param(stage, 1, marks=pytest.mark.integration, id=f"{stage}-1")
+               for stage in ("pretrain", "sft", "reward", "ppo")]
+KILL_MATRIX += [pytest.param(stage, 2, marks=pytest.mark.multiproc, id=f"{stage}-2") for stage in ("pretrain", "ppo")]
+
+
+@pytest.mark.parametrize("stage,ranks", KILL_MATRIX)
+def test_kill_at_random_step_then_resume_equals_straight_run(stage, ranks, tiny_chain, straight_runs, tmp_path):
+    reference = straight_runs(stage, ranks, tiny_chain)
     kill_at = random.Random(f"{stage}-{ranks}").randint(1, STEPS - 2)  # seeded: the same step every run
     out = tmp_path / "killed"
-    cmd = command(stage, [*stage_args(stage, pipeline_run), f"out_dir={out}"], ranks)
+    cmd = command(stage, [*stage_args(stage, tiny_chain), f"out_dir={out}"], ranks)
     proc = start(cmd, tmp_path)
     wait_for_step(proc, out, kill_at)
     kill_tree(proc.pid)  # the whole job: launcher and every rank, as a node loss would
@@ -156,13 +163,14 @@ def test_kill_at_random_step_then_resume_equals_straight_run(stage, ranks, pipel
     assert_same_run(reference, out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("where", ["deepspeed state", "consolidated folder"])
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(where, pipeline_run, straight_runs, tmp_path):
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(where, tiny_chain, straight_runs, tmp_path):
     """SIGKILL inside the save of step 4: `latest` still names step 2, which loads and verifies, and
     resuming from it reproduces the uninterrupted run."""
     from palmrl import checkpoint
 
-    reference = straight_runs("pretrain", 1, pipeline_run)
+    reference = straight_runs("pretrain", 1, tiny_chain)
     out = tmp_path / "killed"
     target = "torch.save" if where == "deepspeed state" else "palmrl.checkpoint.save_file"
     crash = (
@@ -179,7 +187,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(where, pipeline_
         "from palmrl.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    args = ["pretrain", *stage_args("pretrain", pipeline_run), f"out_dir={out}"]
+    args = ["pretrain", *stage_args("pretrain", tiny_chain), f"out_dir={out}"]
     proc = subprocess.run([sys.executable, "-c", crash, *args], cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -195,10 +203,11 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(where, pipeline_
 
 # ---- 2. signals ------------------------------------------------------------------------------
 
-def test_sigterm_saves_then_exits_0_and_resume_reproduces(pipeline_run, straight_runs, tmp_path):
-    reference = straight_runs("pretrain", 1, pipeline_run)
+@pytest.mark.integration
+def test_sigterm_saves_then_exits_0_and_resume_reproduces(tiny_chain, straight_runs, tmp_path):
+    reference = straight_runs("pretrain", 1, tiny_chain)
     out = tmp_path / "preempted"
-    cmd = command("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={out}", "train.save_every=0"], 1)
+    cmd = command("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={out}", "train.save_every=0"], 1)
     proc = start(cmd, tmp_path)
     wait_for_step(proc, out, 3)
     proc.send_signal(signal.SIGTERM)
@@ -217,7 +226,8 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(pipeline_run, tmp_path):
+@pytest.mark.integration
+def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tiny_chain, tmp_path):
     """Ctrl-C, then Ctrl-C again while the (here artificially slow) checkpoint is being written: the
     process quits at once with 130, `latest` still names a complete checkpoint, resume=auto works."""
     out = tmp_path / "interrupted"
@@ -233,7 +243,7 @@ def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(pipeline_run,
         "from palmrl.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    args = ["pretrain", *stage_args("pretrain", pipeline_run), f"out_dir={out}", "train.max_steps=400"]
+    args = ["pretrain", *stage_args("pretrain", tiny_chain), f"out_dir={out}", "train.max_steps=400"]
     proc = start([sys.executable, "-c", slow_save, *args], tmp_path)
     wait_for_step(proc, out, 3)
     proc.send_signal(signal.SIGINT)
@@ -252,10 +262,11 @@ def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(pipeline_run,
     assert json.loads((out / "final" / "manifest.json").read_text())["step"] == 6
 
 
-def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(pipeline_run, tmp_path):
+@pytest.mark.multiproc
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tiny_chain, tmp_path):
     """Preemption that reaches one worker: the ranks agree on the step, save together, exit 0."""
     out = tmp_path / "two"
-    cmd = command("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={out}", "train.max_steps=400",
+    cmd = command("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={out}", "train.max_steps=400",
                                "train.save_every=0"], 2)
     proc = start(cmd, tmp_path)
     wait_for_step(proc, out, 3)
@@ -281,9 +292,10 @@ class _Planted:
         return (Path.write_text, (self.marker, "pwned"))
 
 
-def test_planted_pickle_in_deepspeed_state_is_refused_not_run(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_planted_pickle_in_deepspeed_state_is_refused_not_run(tiny_chain, tmp_path, dist_env):
     out, marker = tmp_path / "run", tmp_path / "pwned"
-    args = [*stage_args("pretrain", pipeline_run), f"out_dir={out}", "train.stop_after=2"]
+    args = [*stage_args("pretrain", tiny_chain), f"out_dir={out}", "train.stop_after=2"]
     run_stage("pretrain", args)
     for state in (out / "deepspeed" / "step-000002").glob("*.pt"):
         torch.save({"module": _Planted(marker)}, state)
@@ -293,11 +305,12 @@ def test_planted_pickle_in_deepspeed_state_is_refused_not_run(pipeline_run, tmp_
     assert not (out / "final").exists()
 
 
-def test_pickle_posing_as_weights_is_refused(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_pickle_posing_as_weights_is_refused(tiny_chain, tmp_path, dist_env):
     from palmrl import checkpoint
 
     fake, marker = tmp_path / "fake", tmp_path / "pwned"
-    shutil.copytree(pipeline_run / "sft" / "final", fake)
+    shutil.copytree(tiny_chain / "sft" / "final", fake)
     torch.save({"w": _Planted(marker)}, fake / "model.safetensors")
     with pytest.raises(UserError, match="sha256"):
         checkpoint.load(fake).weights()
@@ -309,6 +322,7 @@ def test_pickle_posing_as_weights_is_refused(pipeline_run, tmp_path, dist_env):
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_no_code_path_unpickles():
     """Every torch.load in palmrl is weights_only=True; no pickle.load at all."""
     root = Path(__file__).resolve().parent.parent / "palmrl"
@@ -342,11 +356,12 @@ def _inject_nonfinite(monkeypatch, *, nan_loss_at: int, nan_grad_at: int) -> Non
     monkeypatch.setattr(pretrain, "lm_loss", faulty)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("zero", ["stage0", "stage2"])
-def test_nonfinite_steps_are_skipped_and_counted(zero, pipeline_run, tmp_path, dist_env, monkeypatch):
+def test_nonfinite_steps_are_skipped_and_counted(zero, tiny_chain, tmp_path, dist_env, monkeypatch):
     _inject_nonfinite(monkeypatch, nan_loss_at=3, nan_grad_at=5)
     out = tmp_path / "skip"
-    final = run_stage("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={out}", f"zero={zero}"])
+    final = run_stage("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={out}", f"zero={zero}"])
     weights = load_file(final / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     rows = [r for r in comparable(out) if r["split"] == "train"]
@@ -356,12 +371,13 @@ def test_nonfinite_steps_are_skipped_and_counted(zero, pipeline_run, tmp_path, d
     assert all(isinstance(r["loss"], float) for r in rows if r["step"] != 3)
 
 
-def test_nonfinite_with_stop_keeps_the_last_good_checkpoint(pipeline_run, tmp_path, dist_env, monkeypatch):
+@pytest.mark.integration
+def test_nonfinite_with_stop_keeps_the_last_good_checkpoint(tiny_chain, tmp_path, dist_env, monkeypatch):
     from palmrl import checkpoint
 
     _inject_nonfinite(monkeypatch, nan_loss_at=5, nan_grad_at=0)
     out = tmp_path / "stop"
-    args = [*stage_args("pretrain", pipeline_run), f"out_dir={out}"]
+    args = [*stage_args("pretrain", tiny_chain), f"out_dir={out}"]
     with pytest.raises(TrainingDiverged, match=r"step 5 .*last good checkpoint: .*step-000004") as err:
         run_stage("pretrain", [*args, "train.on_nonfinite=stop"])
     assert err.value.exit_code == 3
@@ -373,29 +389,32 @@ def test_nonfinite_with_stop_keeps_the_last_good_checkpoint(pipeline_run, tmp_pa
     assert (out / "final" / "manifest.json").is_file()
 
 
-def test_a_streak_of_nonfinite_steps_stops_even_when_skipping(pipeline_run, tmp_path, dist_env, monkeypatch):
+@pytest.mark.integration
+def test_a_streak_of_nonfinite_steps_stops_even_when_skipping(tiny_chain, tmp_path, dist_env, monkeypatch):
     import palmrl.stages.pretrain as pretrain
 
     real = pretrain.lm_loss
     monkeypatch.setattr(pretrain, "lm_loss", lambda m, t: real(m, t) * (float("nan") if torch.is_grad_enabled() else 1.0))
     with pytest.raises(TrainingDiverged, match="3 such steps in a row"):
-        run_stage("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={tmp_path / 'x'}"])
+        run_stage("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={tmp_path / 'x'}"])
 
 
 # ---- 6. disk ---------------------------------------------------------------------------------
 
-def test_full_disk_fails_before_training(pipeline_run, tmp_path, dist_env, monkeypatch):
+@pytest.mark.integration
+def test_full_disk_fails_before_training(tiny_chain, tmp_path, dist_env, monkeypatch):
     import palmrl.engine as engine
 
     free = shutil.disk_usage(tmp_path)._replace(free=64 * 1024)
     monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: free)
     out = tmp_path / "full"
     with pytest.raises(UserError, match=r"out_dir: only 0\.1 MiB free in .*full but one checkpoint needs about"):
-        run_stage("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={out}"])
+        run_stage("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={out}"])
     assert not (out / "metrics.jsonl").exists() and not (out / "deepspeed").exists()
 
 
-def test_read_only_output_folder_fails_before_training(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_read_only_output_folder_fails_before_training(tiny_chain, tmp_path, dist_env):
     if os.geteuid() == 0:  # root writes through permission bits; /sys refuses even root
         out = Path("/sys/palmrl-reliability-test")
     else:
@@ -404,22 +423,23 @@ def test_read_only_output_folder_fails_before_training(pipeline_run, tmp_path, d
         locked.chmod(0o555)
         out = locked / "run"
     with pytest.raises(UserError, match=rf"out_dir: cannot create {out}"):
-        run_stage("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={out}"])
+        run_stage("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={out}"])
 
 
-def test_a_failed_checkpoint_write_is_one_line_and_names_the_last_good_one(pipeline_run, straight_runs, tmp_path):
+@pytest.mark.integration
+def test_a_failed_checkpoint_write_is_one_line_and_names_the_last_good_one(tiny_chain, straight_runs, tmp_path):
     """The disk fills up after the preflight (here: a 2 MiB file-size limit, under the optimizer
     state's size): one line naming the step and the last good checkpoint, exit 2, no traceback."""
     import resource
 
-    straight_runs("pretrain", 1, pipeline_run)  # the token cache exists: only checkpoints are big
+    straight_runs("pretrain", 1, tiny_chain)  # the token cache exists: only checkpoints are big
 
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
 
     out = tmp_path / "full"
-    proc = subprocess.run(command("pretrain", [*stage_args("pretrain", pipeline_run), f"out_dir={out}"], 1),
+    proc = subprocess.run(command("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={out}"], 1),
                           cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600,
                           preexec_fn=limit_file_size)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("palmrl: error:")]
@@ -430,10 +450,11 @@ def test_a_failed_checkpoint_write_is_one_line_and_names_the_last_good_one(pipel
 
 
 
-def test_pipeline_passes_sigterm_on_and_a_rerun_continues(pipeline_run, tmp_path):
+@pytest.mark.integration
+def test_pipeline_passes_sigterm_on_and_a_rerun_continues(tiny_chain, tmp_path):
     """SIGTERM to the pipeline process alone (a scheduler, `kill`): the running stage saves, the
     pipeline exits 0 saying how to continue, and the same command picks the stage up again."""
-    shutil.copytree(pipeline_run / "tokenizer", tmp_path / "runs" / "p" / "tokenizer")
+    shutil.copytree(tiny_chain / "tokenizer", tmp_path / "runs" / "p" / "tokenizer")
     cmd = [sys.executable, "-m", "palmrl", "pipeline", "run_name=p", "stages=[tokenizer,pretrain]",
            "pretrain.train.max_steps=60", "pretrain.train.log_every=1", "pretrain.train.save_every=0",
            "pretrain.train.eval_every=0", "pretrain.train.eval_batches=2"]

@@ -16,6 +16,8 @@ from palmrl.model.palm import ModelConfig, PaLM
 from palmrl.report import ReportSettings, best_of_n_table, find_stages, powers_of_two, write_report
 from palmrl.tokenizer import byte_tokenizer
 
+pytestmark = pytest.mark.unit
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = ReportSettings(prompts=8, max_n=4, max_new_tokens=6, samples=3)  # seconds, not minutes
 TINY = ModelConfig(vocab_size=263, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=128)

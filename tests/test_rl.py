@@ -24,6 +24,8 @@ from palmrl.rl import (
     token_logprobs,
 )
 
+pytestmark = pytest.mark.unit
+
 T, F = True, False
 LN2 = math.log(2.0)
 

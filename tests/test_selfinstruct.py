@@ -63,6 +63,7 @@ def check_records(recs: list[dict], kind: str, n: int = N) -> None:
 # seeds and prompts
 
 
+@pytest.mark.unit
 def test_embedded_seeds_are_many_distinct_and_clean():
     seeds = load_seeds(None)
     assert len(seeds) >= 100 and len({s["id"] for s in seeds}) == len(seeds)
@@ -71,6 +72,7 @@ def test_embedded_seeds_are_many_distinct_and_clean():
         assert rf.offer({k: s[k] for k in ("instruction", "input", "output")}, i).reason is None, s
 
 
+@pytest.mark.unit
 def test_seed_file_errors_name_the_line(tmp_path):
     bad = tmp_path / "seeds.jsonl"
     bad.write_text('{"instruction": "Name a colour", "output": "red"}\n{"instruction": ""}\n')
@@ -83,6 +85,7 @@ def test_seed_file_errors_name_the_line(tmp_path):
         load_seeds(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.unit
 def test_prompt_lists_examples_and_parser_reads_new_tasks():
     prompt = build_prompt([{"instruction": "Give an antonym.", "input": "hot"}, {"instruction": "Name a sea."}])
     assert prompt.endswith("Task 3\nInstruction:") and "Input: hot" in prompt and "Input: <none>" in prompt
@@ -99,6 +102,7 @@ def test_prompt_lists_examples_and_parser_reads_new_tasks():
 # the loop, local backend
 
 
+@pytest.mark.unit
 def test_local_loop_makes_records_with_provenance_deterministically(tmp_path, ckpt):
     outs = []
     for name, target in (("a", N), ("b", 5)):
@@ -116,6 +120,7 @@ def test_local_loop_makes_records_with_provenance_deterministically(tmp_path, ck
     assert report["calls"]["instruction"] >= 8
 
 
+@pytest.mark.unit
 def test_resume_keeps_earlier_records_and_adds_no_duplicates(tmp_path, ckpt):
     out = tmp_path / "instructions.jsonl"
     common = [f"generator.ckpt={ckpt}", f"out_dir={tmp_path}", *LOOSE]
@@ -135,6 +140,7 @@ def test_resume_keeps_earlier_records_and_adds_no_duplicates(tmp_path, ckpt):
     assert len(read_kept(out)) == 3
 
 
+@pytest.mark.unit
 def test_give_up_when_nothing_passes(tmp_path, ckpt):
     report_file = tmp_path / "instructions.report.json"
     run_stage("selfinstruct", [f"generator.ckpt={ckpt}", f"out_dir={tmp_path}", "target=5", "give_up_after=2",
@@ -178,6 +184,7 @@ def palmrl_serve(ckpt, tmp_path_factory):
             proc.kill()
 
 
+@pytest.mark.integration
 def test_loop_over_http_against_palmrl_serve(tmp_path, palmrl_serve):
     run_stage("selfinstruct", ["generator=openai", f"generator.base_url={palmrl_serve}/v1", "generator.concurrency=4",
                                f"target={N}", f"out_dir={tmp_path}", *LOOSE])
@@ -217,6 +224,7 @@ class _Flaky(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.unit
 def test_openai_backend_retries_transient_errors():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -236,6 +244,7 @@ def test_openai_backend_retries_transient_errors():
         _Flaky.seen, _Flaky.fails = 0, 2
 
 
+@pytest.mark.unit
 def test_unreachable_endpoint_is_one_clear_error():
     port = free_port()  # nothing listens here
     with pytest.raises(UserError, match=rf"cannot reach http://127.0.0.1:{port}/v1/models .* after 2 tries; is the server running"):

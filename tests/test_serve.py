@@ -98,6 +98,7 @@ def sse(response) -> list:
 # the engine
 
 
+@pytest.mark.unit
 def test_engine_samples_what_generate_samples(engine):
     """Same seed, same tokens as palmrl.generate (the shared loop, stepped), with eos as the only stop."""
     tokenizer = engine.tokenizer
@@ -116,6 +117,7 @@ def test_engine_samples_what_generate_samples(engine):
         assert completion.completion_tokens == len([i for i in ids if i != tokenizer.eos_id])
 
 
+@pytest.mark.unit
 def test_engine_stop_strings_and_streamed_pieces(engine):
     """A stop string ends the text right before it; streamed pieces never show any of it."""
     prompt = engine.encode_text("The answer is")
@@ -129,6 +131,7 @@ def test_engine_stop_strings_and_streamed_pieces(engine):
     assert pieces[-1].finish_reason == "stop" and all(d.finish_reason is None for d in pieces[:-1])
 
 
+@pytest.mark.unit
 def test_held_back_text():
     from palmrl.serving.generator import _held_back
 
@@ -149,6 +152,7 @@ def sp_tokenizer():
     return train_tokenizer(list(itertools.islice(embedded_texts(), 1500)), vocab_size=512)
 
 
+@pytest.mark.unit
 def test_text_stream_adds_up_to_decode(sp_tokenizer):
     """Token by token, the pieces join to `decode` of the whole row, and only the last may hold
     U+FFFD (half a character): random ids, byte-fallback pieces and special tokens included."""
@@ -185,6 +189,7 @@ class ScriptedModel(torch.nn.Module):
         return logits
 
 
+@pytest.mark.unit
 def test_streamed_deltas_add_up_over_split_characters_and_stop_strings(ckpt):
     """Each multi-byte character spans several byte tokens; the stop strings span several tokens and
     start inside such a character. The streamed pieces join to the final text, never show half a
@@ -217,11 +222,13 @@ def test_streamed_deltas_add_up_over_split_characters_and_stop_strings(ckpt):
 # the HTTP API
 
 
+@pytest.mark.unit
 def test_models_and_health(client):
     assert client.get("/health").json()["status"] == "ok"
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
 
 
+@pytest.mark.unit
 def test_completions_with_prompt_list_and_n(client):
     r = client.post("/v1/completions", json={"prompt": ["a", "bb"], "n": 2, "max_tokens": 5, "model": "tiny"})
     assert r.status_code == 200, r.text
@@ -232,6 +239,7 @@ def test_completions_with_prompt_list_and_n(client):
     assert body["usage"]["completion_tokens"] <= 4 * 5
 
 
+@pytest.mark.unit
 def test_seeded_chat_is_reproducible_and_streams_the_same_text(client):
     req = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
            "max_tokens": 12, "seed": 7, "temperature": 0.8}
@@ -254,6 +262,7 @@ def test_seeded_chat_is_reproducible_and_streams_the_same_text(client):
     assert events[-2]["usage"]["completion_tokens"] == first["usage"]["completion_tokens"]
 
 
+@pytest.mark.unit
 def test_streamed_completion_ends_with_done(client):
     with client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 6, "stream": True}) as r:
         events = sse(r)
@@ -286,6 +295,7 @@ BAD = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path,body,param", BAD)
 def test_malformed_requests_get_400_naming_the_field(client, path, body, param):
     if isinstance(body, bytes):
@@ -298,11 +308,13 @@ def test_malformed_requests_get_400_naming_the_field(client, path, body, param):
     assert error["param"] == param
 
 
+@pytest.mark.unit
 def test_unknown_model_is_404(client):
     r = client.post("/v1/completions", json={"prompt": "x", "model": "gpt-9"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+@pytest.mark.unit
 def test_burst_is_batched_bounded_and_survived(served):
     """40 simultaneous clients, 8 allowed in flight: every answer is 200 or 429 (with Retry-After),
     concurrent requests share batches, and the server is idle and healthy afterwards."""
@@ -331,6 +343,7 @@ def test_burst_is_batched_bounded_and_survived(served):
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "after", "max_tokens": 3}).status_code == 200
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_busy_port(tmp_path, ckpt):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -30,12 +30,13 @@ def metrics(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sft_lora_trains_adapters_only_and_merges_exactly(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_sft_lora_trains_adapters_only_and_merges_exactly(tiny_chain, tmp_path, dist_env):
     from palmrl import checkpoint
     from palmrl.checkpoint import model_from_checkpoint, policy_from_checkpoint
 
-    out = run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "lora=r8", f"out_dir={tmp_path / 'sft'}", *SFT_SMALL])
-    base = load_file(pipeline_run / "pretrain" / "final" / "model.safetensors")
+    out = run_stage("sft", [f"init_from={tiny_chain / 'pretrain'}", "lora=r8", f"out_dir={tmp_path / 'sft'}", *SFT_SMALL])
+    base = load_file(tiny_chain / "pretrain" / "final" / "model.safetensors")
     after = load_file(out / "model.safetensors")
     assert base.keys() == after.keys() and all(torch.equal(base[k], after[k]) for k in base), "base weights moved"
     adapters = load_file(out / "adapters.safetensors")
@@ -49,25 +50,27 @@ def test_sft_lora_trains_adapters_only_and_merges_exactly(pipeline_run, tmp_path
         torch.testing.assert_close(unmerged(tokens), merged.eval()(tokens), atol=1e-5, rtol=1e-5)
 
 
-def test_sft_bad_input(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_sft_bad_input(tiny_chain, tmp_path, dist_env):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     with pytest.raises(UserError, match=r"bad\.jsonl:2"):
-        run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "data=my_instructions", f"data.path={bad}",
+        run_stage("sft", [f"init_from={tiny_chain / 'pretrain'}", "data=my_instructions", f"data.path={bad}",
                           f"out_dir={tmp_path / 'x'}"])
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     with pytest.raises(UserError, match=r"missing\.jsonl:2.*output"):
-        run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "data=my_instructions", f"data.path={missing}",
+        run_stage("sft", [f"init_from={tiny_chain / 'pretrain'}", "data=my_instructions", f"data.path={missing}",
                           "data.val_fraction=0.0", f"out_dir={tmp_path / 'y'}"])
     with pytest.raises(UserError, match="is a reward checkpoint"):
-        run_stage("sft", [f"init_from={pipeline_run / 'reward'}", f"out_dir={tmp_path / 'z'}"])
+        run_stage("sft", [f"init_from={tiny_chain / 'reward'}", f"out_dir={tmp_path / 'z'}"])
     with pytest.raises(UserError, match="lora.rank"):
-        run_stage("sft", [f"init_from={pipeline_run / 'pretrain'}", "lora.rank=4096", f"out_dir={tmp_path / 'w'}"])
+        run_stage("sft", [f"init_from={tiny_chain / 'pretrain'}", "lora.rank=4096", f"out_dir={tmp_path / 'w'}"])
 
 
 # ---- reward ----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_pairwise_loss_flips_when_halves_swap():
     from palmrl.reward import pairwise_loss
 
@@ -80,21 +83,23 @@ def test_pairwise_loss_flips_when_halves_swap():
     assert a.margin.item() == pytest.approx(-b.margin.item())
 
 
-def test_reward_lora_leaves_trunk_untouched(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_reward_lora_leaves_trunk_untouched(tiny_chain, tmp_path, dist_env):
     from palmrl import checkpoint
     from palmrl.checkpoint import policy_from_checkpoint
 
-    out = run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "lora=r8", "data.policy_negatives=0",
+    out = run_stage("reward", [f"init_from={tiny_chain / 'sft'}", "lora=r8", "data.policy_negatives=0",
                                f"out_dir={tmp_path / 'rm'}", *REWARD_SMALL])
     reward = checkpoint.load(out, stages=["reward"])
     trunk = {k: v for k, v in reward.weights().items() if not k.startswith("reward_head.")}
-    sft_policy, _ = policy_from_checkpoint(checkpoint.load(pipeline_run / "sft"))
+    sft_policy, _ = policy_from_checkpoint(checkpoint.load(tiny_chain / "sft"))
     expected = {k: v.detach() for k, v in sft_policy.named_parameters()}
     assert trunk.keys() == expected.keys()
     assert all(torch.equal(trunk[k], expected[k]) for k in trunk)
     assert reward.manifest["lora"]["scopes"]["reward"]["rank"] > 0
 
 
+@pytest.mark.quality
 def test_binned_reward_orders_responses_by_rating(pipeline_run, tmp_path, dist_env):
     from palmrl import checkpoint
     from palmrl.data.preferences import load_ratings
@@ -117,7 +122,8 @@ def test_binned_reward_orders_responses_by_rating(pipeline_run, tmp_path, dist_e
     assert ckpt.manifest["metrics"]["accuracy"] > 1 / 5 + 0.1
 
 
-def test_reward_bad_input(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_reward_bad_input(tiny_chain, tmp_path, dist_env):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in [
         {"prompt": "p1", "chosen": "a", "rejected": "a"},
@@ -125,17 +131,18 @@ def test_reward_bad_input(pipeline_run, tmp_path, dist_env):
         {"prompt": "p3", "chosen": "x"},
     ]))
     with pytest.raises(UserError, match=r"pairs\.jsonl:3.*rejected"):
-        run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=my_prefs", f"data.path={pairs}",
+        run_stage("reward", [f"init_from={tiny_chain / 'sft'}", "data=my_prefs", f"data.path={pairs}",
                              "data.val_fraction=0.0", f"out_dir={tmp_path / 'a'}"])
     ratings = tmp_path / "ratings.jsonl"
     ratings.write_text(json.dumps({"prompt": "p", "response": "r", "rating": 9}) + "\n")
     with pytest.raises(UserError, match="rating"):
-        run_stage("reward", [f"init_from={pipeline_run / 'sft'}", "data=my_ratings", f"data.path={ratings}",
+        run_stage("reward", [f"init_from={tiny_chain / 'sft'}", "data=my_ratings", f"data.path={ratings}",
                              "data.val_fraction=0.0", "reward.objective=binned", f"out_dir={tmp_path / 'b'}"])
     with pytest.raises(UserError, match="is a ppo checkpoint"):
-        run_stage("reward", [f"init_from={pipeline_run / 'ppo'}", f"out_dir={tmp_path / 'c'}"])
+        run_stage("reward", [f"init_from={tiny_chain / 'ppo'}", f"out_dir={tmp_path / 'c'}"])
 
 
+@pytest.mark.unit
 def test_identical_pairs_are_dropped_and_counted(tmp_path):
     from palmrl.data.preferences import load_preference_pairs
 
@@ -148,19 +155,21 @@ def test_identical_pairs_are_dropped_and_counted(tmp_path):
 
 # ---- ppo -------------------------------------------------------------------------------------
 
-def test_ppo_keeps_reference_and_reward_frozen(pipeline_run):
+@pytest.mark.integration
+def test_ppo_keeps_reference_and_reward_frozen(tiny_chain):
     from palmrl import checkpoint
     from palmrl.checkpoint import policy_from_checkpoint
 
-    ppo = checkpoint.load(pipeline_run / "ppo", stages=["ppo"])
+    ppo = checkpoint.load(tiny_chain / "ppo", stages=["ppo"])
     frozen = ppo.manifest["ppo"]["frozen_sha256"]
     assert frozen["before"] == frozen["after"]
-    sft_policy, _ = policy_from_checkpoint(checkpoint.load(pipeline_run / "sft"))
+    sft_policy, _ = policy_from_checkpoint(checkpoint.load(tiny_chain / "sft"))
     base = ppo.weights()
     assert all(torch.equal(base[k], v.detach()) for k, v in sft_policy.named_parameters())
     assert any(v.abs().sum() > 0 for k, v in ppo.adapters().items() if "lora_B" in k), "actor did not move"
 
 
+@pytest.mark.quality
 def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, dist_env):
     """PPO on the checker's reward (reward_fn=): the policy's expected true reward on its prompts
     rises by a clear margin in 16 iterations while the KL to the SFT reference stays bounded."""
@@ -196,7 +205,8 @@ def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     return sampled_reward(policy.eval(), ckpt.tokenizer(), examples, samples=samples, max_new_tokens=8, seed=1)
 
 
-def test_ppo_reference_variant_trains_through_its_own_loss(pipeline_run, tmp_path, dist_env, monkeypatch):
+@pytest.mark.integration
+def test_ppo_reference_variant_trains_through_its_own_loss(tiny_chain, tmp_path, dist_env, monkeypatch):
     """ppo.variant=reference end to end: every update goes through rl.reference_variant_loss (lucidrains'
     objective), the losses it reports are finite, and the actor moves."""
     from palmrl import checkpoint, rl
@@ -209,7 +219,7 @@ def test_ppo_reference_variant_trains_through_its_own_loss(pipeline_run, tmp_pat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rl, "reference_variant_loss", spy)
-    out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", *PPO_SMALL,
+    out = run_stage("ppo", [f"policy={tiny_chain / 'sft'}", f"reward={tiny_chain / 'reward'}", *PPO_SMALL,
                             "ppo.variant=reference", f"out_dir={tmp_path / 'lucidrains'}"])
     assert len(calls) == 4 * 2 * (16 // 8)  # iterations x epochs x minibatches, all through the variant's loss
     assert all(shape[0] == 8 for shape in calls)
@@ -224,6 +234,7 @@ def test_ppo_reference_variant_trains_through_its_own_loss(pipeline_run, tmp_pat
     assert any(v.abs().sum() > 0 for k, v in ppo.adapters().items() if "lora_B" in k), "actor did not move"
 
 
+@pytest.mark.unit
 def test_ppo_config_takes_the_yaml_section_and_names_bad_keys():
     from conftest import compose
     from palmrl.config import typed
@@ -255,6 +266,7 @@ def test_ppo_config_takes_the_yaml_section_and_names_bad_keys():
             typed(PPOConfig, values, key="ppo")
 
 
+@pytest.mark.unit
 def test_reward_model_normalises_by_its_held_out_statistics():
     from palmrl.model.palm import ModelConfig, PaLM
     from palmrl.reward import RewardModel, score
@@ -271,38 +283,40 @@ def test_reward_model_normalises_by_its_held_out_statistics():
     assert torch.equal(score(model, tokens, mask, normalise=True), model.normalised(score(model, tokens, mask)))
 
 
-def test_ppo_bad_input(pipeline_run, tmp_path, dist_env):
+@pytest.mark.integration
+def test_ppo_bad_input(tiny_chain, tmp_path, dist_env):
     empty = tmp_path / "prompts.jsonl"
     empty.write_text("")
     with pytest.raises(UserError, match="prompts"):
-        run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", "data=my_prompts",
+        run_stage("ppo", [f"policy={tiny_chain / 'sft'}", f"reward={tiny_chain / 'reward'}", "data=my_prompts",
                           f"data.path={empty}", f"out_dir={tmp_path / 'a'}"])
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "word " * 400}) + "\n")
     with pytest.raises(UserError, match="max_seq_len"):
-        run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={pipeline_run / 'reward'}", "data=my_prompts",
+        run_stage("ppo", [f"policy={tiny_chain / 'sft'}", f"reward={tiny_chain / 'reward'}", "data=my_prompts",
                           f"data.path={long}", "data.val_fraction=0.0", f"out_dir={tmp_path / 'b'}"])
     with pytest.raises(UserError, match="different tokenizer"):
         other = tmp_path / "other-reward"
-        _reward_with_other_tokenizer(pipeline_run, other)
-        run_stage("ppo", [f"policy={pipeline_run / 'sft'}", f"reward={other}", f"out_dir={tmp_path / 'c'}"])
+        _reward_with_other_tokenizer(tiny_chain, other)
+        run_stage("ppo", [f"policy={tiny_chain / 'sft'}", f"reward={other}", f"out_dir={tmp_path / 'c'}"])
 
 
-def _reward_with_other_tokenizer(pipeline_run, folder):
+def _reward_with_other_tokenizer(run_dir, folder):
     """A copy of the reward checkpoint whose tokenizer differs (the byte tokenizer)."""
     from palmrl import checkpoint
     from palmrl.tokenizer import byte_tokenizer
 
-    src = checkpoint.load(pipeline_run / "reward")
+    src = checkpoint.load(run_dir / "reward")
     checkpoint.save(folder / "final", stage="reward", step=src.manifest["step"], weights=src.weights(),
                     adapters=src.adapters(), model_config=src.model_config, tokenizer=byte_tokenizer(),
                     extra={k: src.manifest[k] for k in ("lora", "reward")})
 
 
-def test_sample_best_of_n_keeps_the_top_score(pipeline_run, tmp_path):
+@pytest.mark.integration
+def test_sample_best_of_n_keeps_the_top_score(tiny_chain, tmp_path):
     from conftest import palmrl_cli
 
-    proc = palmrl_cli("sample", f"ckpt={pipeline_run / 'ppo'}", f"reward={pipeline_run / 'reward'}", "num_samples=4",
+    proc = palmrl_cli("sample", f"ckpt={tiny_chain / 'ppo'}", f"reward={tiny_chain / 'reward'}", "num_samples=4",
                       "best_of_n=true", "format=jsonl", "temperature=1.0", "prompt=What is the capital of France?",
                       "max_new_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,6 +7,8 @@ import pytest
 from palmrl import tasks
 from palmrl.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 SPLITS = ("train", "val", "test")
 
 

@@ -10,6 +10,8 @@ from palmrl.data.embedded import embedded_texts
 from palmrl.errors import UserError
 from palmrl.tokenizer import SPECIAL_TOKENS, Tokenizer, byte_tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.unit
+
 TRICKY = [
     "Hello, world!",
     "😀 emoji 👩‍👩‍👧 families and flags 🇫🇷",
