@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import palmrl_cli
 from palmrl.errors import UserError
+
+from conftest import palmrl_cli
 
 TINY = ["model=palm_tiny", "train.max_steps=2", "train.micro_batch_size=8", "train.seq_len=64"]
 
@@ -161,9 +162,9 @@ def no_model_yaml(run: Path, tmp: Path) -> Path:
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    from palmrl.cli import main
-
     from hydra.core.hydra_config import HydraConfig
+
+    from palmrl.cli import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -9,9 +9,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, compose
 from palmrl.cli import STAGES
 from palmrl.model.palm import ModelConfig, PaLM
+
+from conftest import CONFIG_DIR, compose
 
 pytestmark = pytest.mark.unit
 

@@ -117,7 +117,7 @@ def test_hf_source_reads_a_dataset_folder_offline(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, streaming):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "broken"\n{"text": "ok"}\n')
-    with pytest.raises(UserError, match=rf"bad\.jsonl:3: malformed JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:3: malformed JSON"):
         list(load_texts({"source": "local", "path": str(path), "streaming": streaming}))
 
 

@@ -9,9 +9,10 @@ import json
 import pytest
 import yaml
 
-from conftest import CONFIG_DIR, compose, palmrl_cli, run_stage
 from palmrl.errors import UserError
 from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, normalize, record_fields
+
+from conftest import CONFIG_DIR, compose, palmrl_cli, run_stage
 
 DISTINCT = [
     "Give three tips for staying healthy during the winter months",

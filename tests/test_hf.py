@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import palmrl_cli, run_stage
 from palmrl.errors import UserError
+
+from conftest import palmrl_cli, run_stage
 
 TASKS = "data.tasks=[count_words,first_letter,last_letter,larger,color]"  # learnable from scratch in minutes
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -230,9 +231,9 @@ def test_two_ranks_zero3_and_resume_on_an_hf_model(sources, tmp_path):
 def test_kv_cache_generation_matches_full_forward(hf_run):
     """Left-padded ragged prompts through the model's own cache give the tokens and logits of
     recomputing everything at each step."""
+    from palmrl.checkpoint import load_source
     from palmrl.data.chat import prompt_tokens
     from palmrl.generate import generate
-    from palmrl.checkpoint import load_source
 
     family, source, root = hf_run
     model, tokenizer = load_source({"path": str(source)})

@@ -68,7 +68,7 @@ def test_ppo_raises_true_reward_within_the_kl_bound(pipeline_run):
     assert ppo["init_accuracy"] == pytest.approx(sft_acc, abs=0.02)  # same held-out measure, same policy
     before, after = ppo["init_train_sampled_reward"], ppo["metrics"]["train_sampled_reward"]
     assert after >= before + 0.015, (before, after)
-    rows = [json.loads(l) for l in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in rows if r["split"] == "train"]
     assert 0.0 < max(kls) < 1.0, kls  # nats per sequence; best-of-4 sits at log 4 - 3/4 = 0.64
     assert ppo["config"]["ppo"]["advantage"] == "rloo" and not any("value_loss" in r for r in rows)  # no critic
@@ -113,9 +113,9 @@ def test_rerun_skips_finished_stages(tiny_chain, tiny_chain_args, tmp_path):
 def test_model_and_zero_choices_reach_the_stages(tmp_path):
     """`palmrl pipeline model=palm_small zero=stage2 …` (the issue's command): model= and zero= are
     config groups of the pipeline, passed on to the stages by name; a value inside them is refused."""
-    from conftest import palmrl_cli
-
     from palmrl.tokenizer import Tokenizer
+
+    from conftest import palmrl_cli
 
     proc = palmrl_cli("pipeline", "model=palm_small", "zero=stage2", "run_name=small", "stages=[tokenizer]",
                       "tokenizer.tokenizer.max_documents=500", cwd=tmp_path)  # 8192 pieces in seconds, not a minute

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -72,9 +71,9 @@ def test_existing_run_is_never_overwritten(tmp_path, tokenizer_dir, dist_env):
 def test_two_ranks_then_one_process_eval(tmp_path, tokenizer_dir, zero):
     from palmrl import checkpoint
     from palmrl.checkpoint import model_from_checkpoint
-    from palmrl.stages.pretrain import lm_loss
     from palmrl.data.sources import load_texts, source_fingerprint
     from palmrl.data.tokens import TokenBatches, build_token_shards
+    from palmrl.stages.pretrain import lm_loss
 
     out = tmp_path / zero
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -128,7 +127,7 @@ def test_sample_from_pretrain_checkpoint(tmp_path, tokenizer_dir, dist_env):
     assert len(rows) == 2 and all(r["prompt"] == "Hi there" and r["tokens"] <= 12 for r in rows)
     piped = palmrl_cli("sample", f"ckpt={out}", "max_new_tokens=4", "format=jsonl", cwd=tmp_path, stdin="one\ntwo\n")
     assert piped.returncode == 0, piped.stderr[-2000:]
-    assert [json.loads(l)["prompt"] for l in piped.stdout.splitlines()] == ["one", "two"]
+    assert [json.loads(line)["prompt"] for line in piped.stdout.splitlines()] == ["one", "two"]
 
 
 @pytest.mark.integration
@@ -144,7 +143,7 @@ def test_sample_from_pretrain_checkpoint(tmp_path, tokenizer_dir, dist_env):
 def test_bad_input_one_line_exit_2(tmp_path, args, culprit):
     proc = palmrl_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("palmrl: error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("palmrl: error:")]
     assert len(lines) == 1 and culprit in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 

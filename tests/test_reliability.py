@@ -24,8 +24,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CONFIG_DIR, run_stage
 from palmrl.errors import TrainingDiverged, UserError
+
+from conftest import CONFIG_DIR, run_stage
 
 STEPS = 8
 SMALL = {

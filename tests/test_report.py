@@ -9,12 +9,13 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from conftest import compose
 from palmrl import checkpoint, tasks
 from palmrl.errors import UserError
 from palmrl.model.palm import ModelConfig, PaLM
 from palmrl.report import ReportSettings, best_of_n_table, find_stages, powers_of_two, write_report
 from palmrl.tokenizer import byte_tokenizer
+
+from conftest import compose
 
 pytestmark = pytest.mark.unit
 

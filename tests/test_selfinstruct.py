@@ -17,15 +17,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-import torch
+from test_serve import free_port, tiny_checkpoint
 
-from conftest import CONFIG_DIR, run_stage
 from palmrl.errors import UserError
 from palmrl.selfinstruct.backends import GenParams, OpenAIBackend
 from palmrl.selfinstruct.filters import RecordFilter, normalize
 from palmrl.selfinstruct.pipeline import load_seeds, read_kept
 from palmrl.selfinstruct.prompts import build_prompt, parse_tasks, stop_after
-from test_serve import free_port, tiny_checkpoint
+
+from conftest import CONFIG_DIR, run_stage
 
 N = 12  # records each loop must produce
 # a random model writes garbage: let short, unfinished texts through so the plumbing is what is tested

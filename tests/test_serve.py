@@ -18,7 +18,6 @@ import httpx
 import pytest
 import torch
 
-from conftest import palmrl_cli
 from palmrl import checkpoint
 from palmrl.generate import generate
 from palmrl.model.palm import ModelConfig, PaLM
@@ -26,6 +25,8 @@ from palmrl.serving.app import Limits, Server, build_app
 from palmrl.serving.generator import Engine, Row, Sampling, TextStream
 from palmrl.serving.scheduler import Batching
 from palmrl.tokenizer import byte_tokenizer
+
+from conftest import palmrl_cli
 
 MAX_CONCURRENT = 8
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_stage
 from palmrl.errors import UserError
+
+from conftest import run_stage
 
 SFT_SMALL = ["train.max_steps=6", "train.eval_every=0", "train.eval_examples=16", "train.log_every=1",
              "data.train_size=512", "data.val_size=12", "train.micro_batch_size=16"]  # a val set smaller than a batch works
@@ -193,11 +194,12 @@ def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, d
 def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     from types import SimpleNamespace
 
-    from conftest import compose
+    from palmrl.checkpoint import policy_from_checkpoint
     from palmrl.data.preferences import load_prompts
     from palmrl.evaluate import sampled_reward
-    from palmrl.checkpoint import policy_from_checkpoint
     from palmrl.stages.ppo import prompt_text
+
+    from conftest import compose
 
     data = compose("ppo", [TASKS, "data.train_size=64"]).data
     examples = [SimpleNamespace(prompt=prompt_text(x)) for x in load_prompts(data, "train")]
@@ -236,9 +238,10 @@ def test_ppo_reference_variant_trains_through_its_own_loss(tiny_chain, tmp_path,
 
 @pytest.mark.unit
 def test_ppo_config_takes_the_yaml_section_and_names_bad_keys():
-    from conftest import compose
     from palmrl.config import typed
     from palmrl.stages.ppo import PPOConfig
+
+    from conftest import compose
 
     section = compose("ppo").ppo
     assert set(section.keys()) == {f.name for f in dataclasses.fields(PPOConfig)}  # every key typed, no extra field
