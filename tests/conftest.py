@@ -89,8 +89,7 @@ KINDS = ("unit", "integration", "multiproc", "quality")
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
 def pytest_collection_modifyitems(config, items):
-    """Refuse a test without exactly one of the four kinds; run the quality gates last (the demo
-    pipeline they wait for runs in the background meanwhile, see `pipeline_run`)."""
+    """Refuse a test without exactly one of the four kinds; run the quality gates last."""
     unmarked = [item.nodeid for item in items if sum(item.get_closest_marker(kind) is not None for kind in KINDS) != 1]
     if unmarked:
         raise pytest.UsageError(f"tests without exactly one marker of {'/'.join(KINDS)} (see tests/conftest.py):\n  "
@@ -140,8 +139,8 @@ def tiny_chain(tmp_path_factory, tiny_chain_args):
 
 
 class BackgroundPipeline:
-    """The demo pipeline started as soon as the session begins, so it trains while the other tests
-    run; its output goes to files (a pipe could fill up and stall it)."""
+    """The demo pipeline as a subprocess in its own session (so it can be killed whole); its output
+    goes to files (a pipe could fill up and stall it)."""
 
     def __init__(self, work: Path, args: list[str]):
         env = {k: v for k, v in os.environ.items()
@@ -165,19 +164,24 @@ class BackgroundPipeline:
 
 @pytest.fixture(scope="session", autouse=True)
 def _demo_pipeline(request, tmp_path_factory, pipeline_args, _private_cache):
-    """Start the demo pipeline at the first test when a selected test needs `pipeline_run`."""
+    """Run the demo pipeline before the first test when a selected test needs `pipeline_run`.
+
+    It runs alone, not beside the other tests: on 2 cores a 2-thread pipeline next to 2-thread
+    in-process tests oversubscribes the cores, and OpenMP's spinning barriers made both several
+    times slower than one after the other (measured: a 1.2-minute HF test took over 15)."""
     wanted = any("pipeline_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
     if not wanted or os.environ.get("PALMRL_TEST_PIPELINE_RUN"):
         yield None
         return
     background = BackgroundPipeline(tmp_path_factory.mktemp("pipeline"), pipeline_args)
+    background.wait(timeout=1800)
     yield background
     background.stop()
 
 
 @pytest.fixture(scope="session")
 def pipeline_run(_demo_pipeline):
-    """The whole demo pipeline, run once per session (started in the background at the first test);
+    """The whole demo pipeline, run once per session (before the first test);
     returns runs/<run_name>. Only the quality gates use it: everything else uses `tiny_chain`.
 
     PALMRL_TEST_PIPELINE_RUN=<runs/ci folder of an earlier `palmrl pipeline run_name=ci`> reuses that
