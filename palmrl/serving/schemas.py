@@ -12,6 +12,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+def refuse(field: str, *, why: str, neutral: tuple | None = None):
+    """A validator refusing an OpenAI option palmrl does not serve, unless the request leaves it at a
+    neutral value: one of `neutral`, or (None) any falsy value. The neutral value reads as None."""
+    def check(cls, value):
+        if (value not in neutral) if neutral is not None else bool(value):
+            raise ValueError(why)
+        return None
+    return field_validator(field)(classmethod(check))
+
+
 class Body(BaseModel):
     """What both endpoints take: the model name, sampling, n, stop strings, streaming, a seed."""
 
@@ -49,19 +59,8 @@ class Body(BaseModel):
             raise ValueError("penalties are not supported; leave it at 0")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return None
+    _no_logprobs = refuse("logprobs", neutral=(None, False, 0), why="logprobs are not supported")
+    _no_bias = refuse("logit_bias", why="logit_bias is not supported")
 
 
 class StreamOptions(BaseModel):
@@ -83,26 +82,10 @@ class CompletionBody(Body):
             raise ValueError("give at least one prompt")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value):
-        if value not in (None, 1):
-            raise ValueError("best_of is not supported (best-of-n with a reward model is not served yet)")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix (insertion) is not supported")
-        return value
+    _no_echo = refuse("echo", why="echo is not supported")
+    _no_best_of = refuse("best_of", neutral=(None, 1),
+                         why="best_of is not supported (best-of-n with a reward model is not served yet)")
+    _no_suffix = refuse("suffix", why="suffix (insertion) is not supported")
 
 
 class TextPart(BaseModel):
