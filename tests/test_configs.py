@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from typing import Literal
 
 import pytest
 import torch
@@ -70,3 +73,39 @@ def test_pipeline_routes_stage_overrides_without_the_environment():
     assert kept == ["run_name=x", "+sft.extra=1", "model=palm_small"]
     assert routed == {"sft": ["lora=r16"], "ppo": ["ppo.kl_coef=0.1"]}
     assert dict(os.environ) == before
+
+
+@pytest.mark.unit
+def test_typed_sections_check_types_ranges_and_name_the_key():
+    from palmrl.config import Invalid, OptimConfig, TrainConfig, typed
+    from palmrl.errors import UserError
+
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        lr: float
+        steps: int
+        mode: Literal["a", "b"] = "a"
+        clip: float | None = None
+        betas: tuple[float, ...] = (0.9,)
+
+        def __post_init__(self):
+            if self.steps < 1:
+                raise Invalid("steps", f"must be >= 1, got {self.steps}")
+
+    made = typed(Section, {"lr": 1, "steps": 3, "betas": [0, 1], "other": "ignored"}, key="s")
+    assert made == Section(lr=1.0, steps=3, betas=(0.0, 1.0)) and isinstance(made.lr, float)
+    for values, message in [({"lr": float("nan"), "steps": 1}, "s.lr: must be a finite number"),
+                            ({"lr": float("inf"), "steps": 1}, "s.lr: must be a finite number"),
+                            ({"lr": "fast", "steps": 1}, "s.lr: expected a number"),
+                            ({"lr": 1, "steps": 2.5}, "s.steps: expected an integer"),
+                            ({"lr": 1, "steps": True}, "s.steps: expected an integer"),
+                            ({"lr": 1, "steps": 1, "mode": "c"}, "s.mode: must be one of a, b"),
+                            ({"lr": 1, "steps": 1, "clip": "x"}, "s.clip: expected a number"),
+                            ({"lr": 1, "steps": 0}, "s.steps: must be >= 1, got 0"),
+                            ({"lr": 1}, "s: ")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            typed(Section, values, key="s")
+    # the shared sections as every training stage composes them
+    cfg = compose("sft", ["optim.lr=0.01"])
+    assert typed(OptimConfig, cfg.optim, key="optim").lr == 0.01
+    assert typed(TrainConfig, cfg.train, key="train").max_steps == cfg.train.max_steps
