@@ -45,6 +45,9 @@ def usage() -> str:
         "stages:",
         *(f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()),
         "",
+        "  palmrl plan <stage> [key=value ...]   per-GPU memory of a training config on plan.gpus GPUs",
+        "                                        of plan.gpu_memory_gb; exit 2 with the fix when it does not fit",
+        "",
         "Every stage reads configs/<stage>.yaml; override any key on the command line",
         "(model=palm_small optim.lr=3e-4 zero=stage2). `palmrl <stage> --help` lists its config.",
     ]
@@ -96,12 +99,37 @@ def _hydra_error_line(err: BaseException) -> str:
     return type(err).__name__
 
 
+def _plan(args: list[str]) -> None:
+    """`palmrl plan <stage> [overrides]`: compose the stage's config as a run would, then estimate."""
+    from palmrl.plan import TRAINING_STAGES
+
+    if not args or "=" in args[0] or args[0] not in TRAINING_STAGES:
+        _fail(f"usage: palmrl plan <{'|'.join(TRAINING_STAGES)}> [key=value ...]")
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from palmrl import plan
+
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+            cfg = compose(config_name=args[0], overrides=args[1:])
+        plan.run(cfg, args[0])
+    except UserError as err:
+        _fail(str(err), err.exit_code)
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(_hydra_error_line(err))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
     stage, overrides = argv[0], argv[1:]
+    if stage == "plan":
+        _plan(overrides)
+        return
     if stage not in STAGES:
         _fail(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES)}")
     if stage in POSITIONAL and overrides and "=" not in overrides[0] and not overrides[0].startswith("-"):
