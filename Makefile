@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -c "import torch; print(f'torch {torch.__version__}')" > $(VENV)/torch-version.txt
 	echo "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')" > $(VENV)/constraints.txt
+	# DeepSpeed and transformers at the versions CI tests (pyproject.toml [tool.palmrl.tested], the Docker image's too)
+	$(BIN)/python -c "import tomllib; t = tomllib.load(open('pyproject.toml', 'rb'))['tool']['palmrl']['tested']; \
+	print('\n'.join(f'{k}=={v}' for k, v in t.items() if k != 'torch'))" >> $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $@
 
@@ -39,6 +42,8 @@ lint: install
 bench: install
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_ppo.py
+	$(BIN)/python scripts/bench_rollout_zero3.py
+	$(BIN)/python scripts/bench_plan_memory.py
 	$(BIN)/python scripts/bench_dedup.py
 	$(BIN)/python scripts/bench_serve.py
 

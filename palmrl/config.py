@@ -146,6 +146,7 @@ class TrainConfig:
     on_nonfinite: Literal["skip", "stop"]
     max_nonfinite_streak: int
     stop_after: int | None
+    activation_checkpointing: bool = False  # recompute each block in backward: memory flat in depth, ~1/3 more compute
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "max_nonfinite_streak"):
@@ -170,7 +171,7 @@ class OptimConfig:
     warmup_steps: int
     min_lr_ratio: float
     grad_clip: float
-    torch_adam: bool
+    torch_adam: bool | None  # None: DeepSpeed's fused Adam on GPUs (its CPU Adam with offload), torch's on the CPU
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -194,8 +195,8 @@ def check_training_config(cfg: DictConfig) -> tuple[TrainConfig, OptimConfig]:
     built or written; returns the typed train and optim sections."""
     train = typed(TrainConfig, cfg.train, key="train")
     optim = typed(OptimConfig, cfg.optim, key="optim")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got '{cfg.precision}' (fp16 would need loss scaling; "
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"precision must be auto, fp32 or bf16, got '{cfg.precision}' (fp16 would need loss scaling; "
                         f"use bf16 on GPUs)")
     if cfg.zero.get("stage") not in (0, 1, 2, 3):
         raise UserError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.get('stage')}")

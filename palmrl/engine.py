@@ -36,18 +36,25 @@ from palmrl import checkpoint
 from palmrl.config import check_training_config
 from palmrl.errors import Preempted, TrainingDiverged, UserError
 from palmrl.io import write_atomic
-from palmrl.runtime import Dist
+from palmrl.model.registry import set_activation_checkpointing
+from palmrl.runtime import Dist, any_rank, barrier
 from palmrl.tracking import Tracker
 
 DS_DIR = "deepspeed"
 
 
-def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = None) -> dict:
+def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = None, *,
+              cuda: bool | None = None) -> dict:
     """The DeepSpeed config dict: batch sizes from `train`, ZeRO from `zero`, optimizer from `optim`.
 
     `optimizer_steps` is the schedule length when a loop step makes several optimizer steps (PPO).
+    `cuda` (default: whether this machine has it) picks the Adam when optim.torch_adam is null:
+    DeepSpeed's FusedAdam on GPUs, DeepSpeedCPUAdam when ZeRO offloads the optimizer states there
+    (what DeepSpeed's offload is built for), torch's AdamW on the CPU (nothing to compile).
     """
     train, optim = check_training_config(cfg)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    torch_adam = (not cuda) if optim.torch_adam is None else optim.torch_adam
     micro, accum = train.micro_batch_size, train.grad_accum
     zero = OmegaConf.to_container(cfg.zero, resolve=True)
     total = optimizer_steps or train.max_steps
@@ -58,11 +65,11 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)},
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                       "weight_decay": optim.weight_decay, "torch_adam": optim.torch_adam},
+                       "weight_decay": optim.weight_decay, "torch_adam": torch_adam},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
@@ -73,7 +80,7 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
         "steps_per_print": 10**9,  # palmrl logs itself
         "wall_clock_breakdown": False,
     }
-    if zero.get("offload_optimizer") and optim.torch_adam:
+    if zero.get("offload_optimizer") and torch_adam:
         config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on offloaded states: no C++ build
     return config
 
@@ -215,6 +222,8 @@ class Trainer:
 
         self.train_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         self.total_params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+        if self.train.activation_checkpointing and not set_activation_checkpointing(module, True):
+            raise UserError("train.activation_checkpointing: this stage's model has no blocks to checkpoint")
         config = ds_config(cfg, dist_info.world_size, optimizer_steps)
         self._check_out_dir()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -247,16 +256,12 @@ class Trainer:
             _check_writable(self.out_dir)
             _check_free_space(self.out_dir, self.checkpoint_bytes())
             (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        self._barrier()
+        barrier()
 
     def checkpoint_bytes(self) -> int:
         """Disk one checkpoint takes: DeepSpeed state (weights + fp32 master and two Adam moments of the
         trainable ones) plus the consolidated fp32 safetensors folder."""
         return 4 * self.total_params + 12 * self.train_params + 4 * self.total_params
-
-    def _barrier(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
 
     # ---- resume --------------------------------------------------------------------------
     def _resume_tag(self) -> str | None:
@@ -289,7 +294,7 @@ class Trainer:
         tag = self._resume_tag()
         if str(self.cfg.resume) == "auto":
             self._discard_partial_writes(tag)
-            self._barrier()
+            barrier()
         if tag is None:
             self.tracker.truncate_after(0)  # a run that died before its first checkpoint starts over
             if self.cfg.resume == "auto" and self.dist.is_main:
@@ -334,12 +339,12 @@ class Trainer:
                 raise
             raise UserError(f"checkpoint: could not write step {self.step} to {self.out_dir}: "
                             f"{str(err).splitlines()[0]}; {self.last_good()}") from None
-        self._barrier()
+        barrier()
         if self.dist.is_main:
             write_atomic(self.out_dir / DS_DIR / "latest", tag)
             checkpoint.prune_steps(self.out_dir, self.train.keep_last)
             self._prune_ds_tags()
-        self._barrier()
+        barrier()
         return folder
 
     def _prune_ds_tags(self) -> None:
@@ -381,7 +386,7 @@ class Trainer:
                 skipped = self.engine.skipped_steps - skipped_before
                 loss = metrics.get("loss")
                 # one all-reduce per step settles both cross-rank decisions: non-finite step, stop signal
-                nonfinite, stopping = _any_rank(skipped > 0 or (loss is not None and not math.isfinite(float(loss))),
+                nonfinite, stopping = any_rank(skipped > 0 or (loss is not None and not math.isfinite(float(loss))),
                                                 self._signal is not None)
                 if nonfinite:
                     self._nonfinite_step(step, metrics, skipped)
@@ -486,16 +491,6 @@ class Trainer:
         """One micro-batch: DeepSpeed scales for accumulation and steps the optimizer on the boundary."""
         self.engine.backward(loss)
         self.engine.step()
-
-
-def _any_rank(*flags: bool) -> tuple[bool, ...]:
-    """For each flag: True on every rank when it is true on any rank (one all-reduce for all)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return tuple(bool(f) for f in flags)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return tuple(bool(v > 0) for v in value.tolist())
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

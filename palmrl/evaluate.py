@@ -9,11 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
-
 from palmrl import tasks
 from palmrl.data.chat import clean_response, prompt_tokens
-from palmrl.generate import generate_responses
+from palmrl.generate import generate_responses, model_device, seeded_generator
 
 
 class Responses(NamedTuple):
@@ -35,7 +33,7 @@ def respond(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 2
     responses = generate_responses(model, [prompt_tokens(tokenizer, p) for p in prompts], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                   generator=torch.Generator().manual_seed(seed))
+                                   generator=seeded_generator(seed, model_device(model)))
     texts, flags, lengths = [], [], []
     for ids in responses:
         text, ok = clean_response(tokenizer, ids)

@@ -50,6 +50,17 @@ def left_pad(prompts: list[list[int]], pad_id: int,
     return tokens.to(device), mask.to(device)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights (and so its sampling) live."""
+    return next(model.parameters()).device
+
+
+def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A seeded generator on `device`, where the sampling runs: torch.multinomial on CUDA refuses a CPU
+    generator. On the CPU its stream is torch.Generator()'s, so CPU runs keep their samples."""
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """logits (B, V) -> next tokens (B,) long. temperature 0 = greedy; top_k 0 and top_p 1 = off."""
@@ -104,7 +115,10 @@ class Decoder:
         self.model, self.max_new_tokens, self.use_cache = model, max_new_tokens, use_cache
         self.sampling = (temperature, top_k, top_p)
         self.pad_id, self.generator = pad_id, generator
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"the generator is on {generator.device} but the model on {self.device}: "
+                             f"make it with seeded_generator(seed, device)")
         self.tokens, self.prompt_mask = left_pad(prompts, pad_id, self.device)  # (B, P)
         B = self.tokens.shape[0]
         self.response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=self.device)

@@ -104,13 +104,15 @@ def last_positions(attention_mask: Tensor) -> Tensor:
 @torch.no_grad()
 def score(model: RewardModel, tokens: Tensor, attention_mask: Tensor, *, normalise: bool = False,
           batch_size: int = 64) -> Tensor:
-    """Scalar scores (B,) of full conversations (prompt + response), left- or right-padded."""
+    """Scalar scores (B,) of full conversations (prompt + response), left- or right-padded; each batch
+    runs on the model's device, the scores come back where `tokens` are."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, tokens.shape[0], batch_size):
-        t, m = tokens[start:start + batch_size], attention_mask[start:start + batch_size]
-        out.append(model.scores(model(t, last_positions(m), attention_mask=m)))
+        t, m = tokens[start:start + batch_size].to(device), attention_mask[start:start + batch_size].to(device)
+        out.append(model.scores(model(t, last_positions(m), attention_mask=m)).to(tokens.device))
     model.train(was_training)
     scores = torch.cat(out)
     if normalise:

@@ -45,6 +45,42 @@ def _single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+def allow_tf32() -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores (Ampere+): ~8x the fp32 rate for the parts
+    bf16 autocast leaves in fp32 (and whole fp32 runs), at bf16-like mantissa error."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def inference_placement(device: str, precision: str, *, key: str = "") -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype `sample`, `serve` and the local generator run the model.
+
+    device: auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N. precision: auto (bf16 on
+    a GPU that has it, else fp32) | fp32 | bf16. `key` prefixes the config keys in errors."""
+    spec = str(device)
+    if spec == "auto":
+        where = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            where = torch.device(spec)
+        except RuntimeError:
+            raise UserError(f"{key}device={spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        if where.type not in ("cpu", "cuda"):
+            raise UserError(f"{key}device={spec!r}: palmrl runs on cpu or cuda")
+        if where.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"{key}device={spec!r}: CUDA is not available on this machine (use device=auto or cpu)")
+        if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"{key}device={spec!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if where.type == "cuda":
+        allow_tf32()
+    if precision == "auto":
+        bf16 = where.type == "cuda" and torch.cuda.is_bf16_supported()
+        return where, torch.bfloat16 if bf16 else torch.float32
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"{key}precision must be auto, fp32 or bf16, got {precision!r}")
+    return where, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def init_distributed() -> Dist:
     """Initialise torch.distributed once (gloo on CPU, nccl on GPU) and set threads per rank."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -60,6 +96,7 @@ def init_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        allow_tf32()
     else:
         device = torch.device("cpu")
 
@@ -76,6 +113,55 @@ def init_distributed() -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+# collectives: the only place palmrl talks to other ranks. Every tensor they move is made on
+# collective_device(): NCCL takes CUDA tensors only (gloo takes CPU ones), so a CPU tensor that gloo
+# accepts in the CPU tests would crash the first multi-GPU run.
+
+
+def multi_rank() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: this rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if multi_rank():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag: True on every rank when it is true on any rank (one all-reduce for all)."""
+    if not multi_rank():
+        return tuple(bool(f) for f in flags)
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in value.tolist())
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over all ranks (every rank calls it)."""
+    if not multi_rank():
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
 
 
 def seed_everything(seed: int) -> None:
@@ -110,4 +196,13 @@ def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path],
         check_override_types(stage, cfg)
     if all(key in cfg for key in ("train", "optim", "zero")):
         check_training_config(cfg)
+        with open_dict(cfg):  # decided here, so the run's config.yaml and manifests say which
+            cfg.precision = training_precision(str(cfg.precision))
     return runner(cfg)
+
+
+def training_precision(precision: str) -> str:
+    """precision=auto → bf16 on a GPU that has it, fp32 elsewhere; fp32/bf16 as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"

@@ -86,31 +86,43 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "final" / "manifest.json").read_text())
 
 
+# The quality gates train one family (Llama: RoPE, GQA, RMSNorm, SwiGLU, the common layout); GPT-2
+# (Conv1D weights, learned positions, a biased head) runs the same chain at a few steps each for the
+# mechanics: its export must still give exactly the policy's logits.
+QUALITY = {"llama": True, "gpt2": False}
+
+
 @pytest.mark.integration
 def test_sft_reward_ppo_sample_export_on_an_hf_model(hf_run, dist_env):
     family, source, root = hf_run
+    full = QUALITY[family]
     run_stage("sft", ["model=hf", f"model.path={source}", "lora=none", TASKS, "data.train_size=8000",
-                      "train.max_steps=600", "train.micro_batch_size=32", "train.eval_every=0", "train.eval_examples=64",
-                      "optim.lr=3e-3", "train.log_every=50", "train.save_every=0", f"out_dir={root / 'sft'}"])
+                      f"train.max_steps={600 if full else 8}", "train.micro_batch_size=32", "train.eval_every=0",
+                      f"train.eval_examples={64 if full else 8}", "optim.lr=3e-3", "train.log_every=50",
+                      "train.save_every=0", f"out_dir={root / 'sft'}"])
     sft = manifest(root / "sft")
     assert sft["hf_source"]["path"] == str(source) and sft["hf_source"]["sha256"]
-    assert sft["metrics"]["accuracy"] >= sft["init_accuracy"] + 0.15, (sft["init_accuracy"], sft["metrics"]["accuracy"])
-    assert sft["metrics"]["format_rate"] >= 0.8
+    if full:
+        assert sft["metrics"]["accuracy"] >= sft["init_accuracy"] + 0.15, (sft["init_accuracy"],
+                                                                           sft["metrics"]["accuracy"])
+        assert sft["metrics"]["format_rate"] >= 0.8
 
-    run_stage("reward", [f"init_from={root / 'sft'}", TASKS, "lora=none", "train.max_steps=400", "train.eval_every=0",
-                         "data.train_size=2048", "data.val_size=256", "train.micro_batch_size=32",
+    run_stage("reward", [f"init_from={root / 'sft'}", TASKS, "lora=none", f"train.max_steps={400 if full else 6}",
+                         "train.eval_every=0", "data.train_size=2048", "data.val_size=256", "train.micro_batch_size=32",
                          "train.save_every=0", "optim.lr=3e-3", f"out_dir={root / 'reward'}"])
-    assert manifest(root / "reward")["metrics"]["accuracy"] >= 0.6  # chance is 0.5
+    if full:
+        assert manifest(root / "reward")["metrics"]["accuracy"] >= 0.6  # chance is 0.5
 
     out = run_stage("ppo", [f"policy={root / 'sft'}", f"reward={root / 'reward'}", "reward_fn=palmrl.tasks.checker",
-                            TASKS, "data.train_size=64", "train.max_steps=16", "train.eval_every=0",
-                            "train.eval_examples=64", "optim.lr=2e-3", "ppo.rollout_batch=64", "ppo.minibatch=16",
-                            "ppo.max_new_tokens=8", "train.save_every=0", f"out_dir={root / 'ppo'}"])
+                            TASKS, "data.train_size=64", f"train.max_steps={16 if full else 2}", "train.eval_every=0",
+                            f"train.eval_examples={64 if full else 8}", "optim.lr=2e-3", "ppo.rollout_batch=64",
+                            "ppo.minibatch=16", "ppo.max_new_tokens=8", "train.save_every=0", f"out_dir={root / 'ppo'}"])
     ppo = manifest(root / "ppo")
-    assert ppo["metrics"]["train_sampled_reward"] >= ppo["init_train_sampled_reward"] + 0.05, ppo["metrics"]
     kls = [json.loads(line)["kl"] for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()
            if '"split": "train"' in line]
     assert max(kls) < 5.0
+    if full:
+        assert ppo["metrics"]["train_sampled_reward"] >= ppo["init_train_sampled_reward"] + 0.05, ppo["metrics"]
 
     # the learned reward model drives PPO too (a separate frozen RM next to the LoRA actor/critic)
     rm_run = run_stage("ppo", [f"policy={root / 'sft'}", f"reward={root / 'reward'}", TASKS, "data.train_size=32",

@@ -51,8 +51,11 @@ def stage_args(stage: str, run_dir: Path) -> list[str]:
 def command(stage: str, args: list[str], ranks: int) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "palmrl", stage, *args]
+    # PPO at 2 ranks under ZeRO-3: rollouts gather the partitioned policy once (ppo.gather_for_rollout)
+    # and the per-forward hooks must come back for the updates, across a kill and resume
+    zero = "zero=stage3" if stage == "ppo" else "zero=stage2"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-            "-m", "palmrl", stage, *args, "zero=stage2"]
+            "-m", "palmrl", stage, *args, zero]
 
 
 def clean_env() -> dict:
@@ -113,7 +116,7 @@ def kill_tree(pid: int) -> None:
 
 def comparable(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+    return [{k: v for k, v in row.items() if not k.endswith("tokens_per_s")} for row in rows]
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palmrl.errors import UserError
 from palmrl.io import transformers
+from palmrl.model.loss import cross_entropy
 
 FAMILY = "hf"
 @dataclass
@@ -145,8 +147,16 @@ class HFCausalLM(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.hf.get_output_embeddings()(hidden)
 
-    def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: HFCache | None = None) -> Tensor:
-        return self.logits(self.trunk(tokens, attention_mask=attention_mask, cache=cache))
+    def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: HFCache | None = None,
+                targets: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+        """Logits (B, T, V); with targets: their mean cross-entropy, chunked as PaLM's (model/loss.py)."""
+        hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
+        if targets is None:
+            return self.logits(hidden)
+        head = self.hf.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:  # a biased head: the plain path
+            return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        return cross_entropy(hidden, head.weight, targets, ignore_index=ignore_index)
 
     # ---- export -------------------------------------------------------------------------
     def hf_state_dict(self) -> dict[str, Tensor]:

@@ -20,6 +20,14 @@ gets exactly the logits it would get alone.
 Speed on CPU: a key/value head is shared by G query heads, so those G heads are folded into the
 query length (B, K, T*G, E): with multi-query attention (K = 1) attention becomes one batched
 matmul per layer instead of H. Causal attention then skips the blocks no query can see.
+
+On a GPU, an unpadded batch without a cache (pretraining, scoring) takes SDPA with `is_causal=True`
+on unfolded (B, H, T, E) queries and no mask tensor, which is what lets PyTorch pick the flash
+kernel; padded batches and cached decoding keep the folded path with its additive mask.
+
+`activation_checkpointing = True` recomputes each block in the backward pass instead of keeping its
+activations (non-reentrant torch.utils.checkpoint): about one more forward per step for memory
+that no longer grows with depth.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from palmrl.errors import UserError
+from palmrl.model.loss import cross_entropy
 
 
 @dataclass
@@ -213,9 +223,10 @@ class ParallelBlock(nn.Module):
         self.q_norm = RMSNorm(config.dim_head) if config.qk_norm else None
         self.k_norm = RMSNorm(config.dim_head) if config.qk_norm else None
 
-    def forward(self, x: Tensor, rotary: RotaryTables, bias: Tensor,
+    def forward(self, x: Tensor, rotary: RotaryTables, bias: Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """x (B, T, D); bias (B|1, 1, T*G, S): 0 where a query row may attend to a key slot, else -inf."""
+        """x (B, T, D); bias (B|1, 1, T*G, S): 0 where a query row may attend to a key slot, else -inf;
+        None: plain causal attention over this call's tokens (no padding, no cache) through SDPA."""
         B, T, _ = x.shape
         H, K, E = self.heads, self.kv_heads, self.dim_head
         G = H // K
@@ -237,10 +248,15 @@ class ParallelBlock(nn.Module):
             cache.values[layer][:, :, start:end] = v
             k, v = cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]  # (B, K, S, E)
 
-        # fold the G query heads that share a key/value head into the query length: row t*G + g
-        q = q.view(B, T, K, G, E).transpose(1, 2).reshape(B, K, T * G, E)  # free when K == 1
-        out = attend(q, k, v, bias, T)  # (B, K, T*G, E)
-        out = out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
+        if bias is None:  # flash-eligible: causal, no mask tensor, the key/value heads shared by SDPA
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True,
+                                                 enable_gqa=K != H)  # (B, H, T, E)
+            out = out.transpose(1, 2).reshape(B, T, H * E)
+        else:
+            # fold the G query heads that share a key/value head into the query length: row t*G + g
+            q = q.view(B, T, K, G, E).transpose(1, 2).reshape(B, K, T * G, E)  # free when K == 1
+            out = attend(q, k, v, bias, T)  # (B, K, T*G, E)
+            out = out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
 
         # SwiGLU feed-forward (https://arxiv.org/abs/2002.05202)
         ff_hidden = F.silu(gate) * ff_in  # (B, T, F)
@@ -299,6 +315,8 @@ class PaLM(nn.Module):
                              config.xpos_scale_base, center=config.max_seq_len // 2)
         self.layers = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
         self.norm = LayerNorm(config.dim)
+        self.activation_checkpointing = False  # recompute each block in backward (train.activation_checkpointing)
+        self.causal_sdpa: bool | None = None  # unpadded, uncached calls through SDPA is_causal; None: off the CPU
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -336,20 +354,28 @@ class PaLM(nn.Module):
         x = self.token_emb(tokens)  # (B, T, D)
 
         # positions and the attention pattern, shared by all layers
+        causal_sdpa = tokens.device.type != "cpu" if self.causal_sdpa is None else self.causal_sdpa
+        bias = None
         if cache is None and attention_mask is None:
             positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
-            allowed = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, S)
-            allowed = allowed[None]  # (1, T, S)
+            if not causal_sdpa:
+                allowed = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None]  # (1, T, S)
         else:
             positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
-        allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S), query row t*G + g
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~allowed, float("-inf"))  # additive: 0 = may attend
+            causal_sdpa = False
+        if not causal_sdpa:
+            allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S), query row t*G + g
+            bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill(~allowed, float("-inf"))  # additive: 0 = may attend
         rotary = self.rotary(positions, x.dtype)
 
         # blocks
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            x = block(x, rotary, bias, cache, i)
+            if recompute:
+                x = checkpoint(block, x, rotary, bias, None, i, use_reentrant=False)
+            else:
+                x = block(x, rotary, bias, cache, i)
         if cache is not None:
             cache.offset += T
 
@@ -393,6 +419,10 @@ class PaLM(nn.Module):
         return F.linear(hidden, self.token_emb.weight)
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        """tokens (B, T) long -> logits (B, T, V)."""
-        return self.logits(self.trunk(tokens, attention_mask=attention_mask, cache=cache))
+                cache: KVCache | None = None, targets: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+        """tokens (B, T) long -> logits (B, T, V); with targets (B, T): their mean cross-entropy (fp32),
+        computed in chunks without the full logits (model/loss.py)."""
+        hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
+        if targets is not None:
+            return cross_entropy(hidden, self.token_emb.weight, targets, ignore_index=ignore_index)
+        return self.logits(hidden)

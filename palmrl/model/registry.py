@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from torch import nn
+
 from palmrl.errors import UserError
+from palmrl.model.hf import HFCausalLM
 from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, set_lora_scope
 from palmrl.model.palm import ModelConfig, PaLM
 
@@ -66,3 +69,21 @@ def apply_lora(model, lora_cfg, scope: str) -> dict:
     set_lora_scope(model, scope)
     freeze_except_lora(model, scope)
     return {"scopes": {scope: spec}, "active": scope}
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
+    """Turn per-block activation checkpointing on/off in every model inside `module` (PaLM blocks;
+    Hugging Face models through gradient_checkpointing_enable, non-reentrant); returns how many."""
+
+    found = 0
+    for sub in module.modules():
+        if isinstance(sub, PaLM):
+            sub.activation_checkpointing = enabled
+            found += 1
+        elif isinstance(sub, HFCausalLM):
+            if enabled:
+                sub.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                sub.hf.gradient_checkpointing_disable()
+            found += 1
+    return found

@@ -74,16 +74,15 @@ class Backend(Protocol):
 class LocalBackend:
     """A palmrl checkpoint decoded here, `batch_size` rows at a time, from one seeded generator."""
 
-    def __init__(self, ckpt: str, *, seed: int, batch_size: int = 16, precision: str = "fp32",
+    def __init__(self, ckpt: str, *, seed: int, batch_size: int = 16, device: str = "auto", precision: str = "auto",
                  chat: str | bool = "auto", top_k: int = 0):
-        import torch
-
+        from palmrl.generate import seeded_generator
         from palmrl.serving.generator import Engine
 
-        self.engine = Engine(ckpt, key="generator.ckpt", precision=precision, chat=chat)
+        self.engine = Engine(ckpt, key="generator.ckpt", device=device, precision=precision, chat=chat)
         self.batch_size = int(batch_size)
         self.top_k = int(top_k)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = seeded_generator(int(seed), self.engine.device)
 
     def describe(self) -> dict:
         return {"kind": "local", "checkpoint": self.engine.lineage(), "chat_template": self.engine.chat}
@@ -253,8 +252,8 @@ def make_backend(cfg: Mapping, *, seed: int, batch_size: int) -> Backend:
     kind = cfg.get("kind")
     if kind == "local":
         return LocalBackend(str(cfg.get("ckpt")), seed=seed, batch_size=batch_size,
-                            precision=str(cfg.get("precision", "fp32")), chat=cfg.get("chat", "auto"),
-                            top_k=int(cfg.get("top_k", 0)))
+                            device=str(cfg.get("device", "auto")), precision=str(cfg.get("precision", "auto")),
+                            chat=cfg.get("chat", "auto"), top_k=int(cfg.get("top_k", 0)))
     if kind == "openai":
         return OpenAIBackend(str(cfg.get("base_url")), model=cfg.get("model"), api_key_env=cfg.get("api_key_env"),
                              timeout_s=float(cfg.get("timeout_s", 60)), max_retries=int(cfg.get("max_retries", 4)),

@@ -31,6 +31,7 @@ from palmrl import checkpoint
 from palmrl.data.chat import as_messages, render_prompt, template_ids
 from palmrl.errors import UserError
 from palmrl.generate import Decoder
+from palmrl.runtime import inference_placement
 
 
 @dataclass(frozen=True)
@@ -129,14 +130,13 @@ class _RowState:
 class Engine:
     """A checkpoint ready to generate: its tokenizer, model (eval), and how it wants prompts."""
 
-    def __init__(self, ckpt: str | Path, *, key: str = "ckpt", precision: str = "fp32", chat: str | bool = "auto"):
+    def __init__(self, ckpt: str | Path, *, key: str = "ckpt", device: str = "auto", precision: str = "auto",
+                 chat: str | bool = "auto"):
+        # errors name the device/precision keys beside the checkpoint's: "generator.device", "device"
+        self.device, dtype = inference_placement(device, precision, key=key.removesuffix("ckpt"))
         self.checkpoint = checkpoint.load(ckpt, key=key)
         self.tokenizer = self.checkpoint.tokenizer()
-        self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval()
-        if precision == "bf16":
-            self.model = self.model.to(torch.bfloat16)
-        elif precision != "fp32":
-            raise UserError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval().to(device=self.device, dtype=dtype)
         self.chat = self.checkpoint.stage != "pretrain" if str(chat) == "auto" else bool(chat)
         self.max_seq_len = int(self.model.config.max_seq_len)
         self.stop_ids = template_ids(self.tokenizer) | {self.tokenizer.eos_id}

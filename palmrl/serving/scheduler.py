@@ -18,8 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
+from palmrl.generate import seeded_generator
 from palmrl.serving.generator import Delta, Row, Sampling
 
 
@@ -54,7 +53,7 @@ class Scheduler:
 
     def __init__(self, engine, batching: Batching, *, seed: int = 0, on_done=None):
         self.engine, self.batching = engine, batching
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = seeded_generator(int(seed), engine.device)
         self._queue: queue.Queue[Job] = queue.Queue()
         self._waiting: deque[Job] = deque()  # taken from the queue but not batchable with the last batch
         self._stop = threading.Event()
@@ -138,7 +137,7 @@ class Scheduler:
             for i, row in enumerate(job.rows):
                 rows.append(row)
                 owner.append((job, i))
-        generator = self.generator if batch[0].seed is None else torch.Generator().manual_seed(batch[0].seed)
+        generator = self.generator if batch[0].seed is None else seeded_generator(batch[0].seed, self.engine.device)
         self.batches += 1
         self.rows_decoded += len(rows)
         for deltas in self.engine.stream(rows, batch[0].sampling, generator=generator):

@@ -8,16 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
 
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+TOKENIZER_POLL_S = 2.0  # how often the other ranks look for the tokenizer rank 0 is training
 
 
 def train_tokenizer_from_cfg(cfg: DictConfig):
@@ -37,15 +33,21 @@ def tokenizer_for_training(cfg: DictConfig, is_main: bool):
     from palmrl.tokenizer import Tokenizer
 
     path = Path(str(cfg.tokenizer.path))
-    exists = (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file()
-    if not exists and is_main:
+
+    def exists() -> bool:  # Tokenizer.save renames into place: a file that exists is whole
+        return (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file()
+
+    if not exists() and is_main:
         t0 = time.perf_counter()
         tokenizer = train_tokenizer_from_cfg(cfg)
         path.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
         print(f"palmrl: trained a {tokenizer.kind} tokenizer ({tokenizer.vocab_size} ids) in "
               f"{time.perf_counter() - t0:.1f}s -> {path}", flush=True)
-    _barrier()
+    # the other ranks wait for the file, not in a collective: NCCL's barrier times out (10-30 min)
+    # while rank 0 trains on a large corpus; the launcher stops them if rank 0 fails
+    while not exists():
+        time.sleep(TOKENIZER_POLL_S)
     return Tokenizer.load(path)
 
 

@@ -103,10 +103,14 @@ def _compose(stage: str, args: list[str]) -> dict:
     from hydra.core.global_hydra import GlobalHydra
 
     from palmrl.config import CONFIG_DIR
+    from palmrl.runtime import training_precision
 
     def build() -> dict:
         cfg = compose(config_name=stage, overrides=args)
-        return OmegaConf.to_container(cfg, resolve=True)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        if "train" in plain:  # as run_stage records it in the manifest
+            plain["precision"] = training_precision(plain["precision"])
+        return plain
 
     if GlobalHydra.instance().is_initialized():
         return build()

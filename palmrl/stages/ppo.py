@@ -26,6 +26,7 @@ import copy
 import hashlib
 import importlib
 import math
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,13 +47,13 @@ from palmrl.data.preferences import load_prompts
 from palmrl.engine import Hooks, Trainer
 from palmrl.errors import TrainingDiverged, UserError
 from palmrl.evaluate import sampled_reward, task_score
-from palmrl.generate import generate
+from palmrl.generate import generate, seeded_generator
 from palmrl.model.heads import ScalarHead
 from palmrl.model.lora import LoRAConfig, add_lora, freeze_except_lora, lora_scope, lora_state_dict
 from palmrl.model.palm import ModelConfig, PaLM
 from palmrl.model.registry import apply_lora
 from palmrl.reward import RewardModel, last_positions, reward_model_from_checkpoint
-from palmrl.runtime import Dist, init_distributed, seed_everything
+from palmrl.runtime import Dist, init_distributed, mean_over_ranks, seed_everything
 from palmrl.stages.common import export_split
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
@@ -89,6 +90,7 @@ class PPOConfig:
     missing_eos_penalty: float | None = -1.0  # added to the score of a response cut without eos; null disables
     critic_init: Literal["reward", "policy"] = "reward"  # reward: value scope and head from the RM (InstructGPT)
     max_kl: float = 25.0                # stop (keeping the last good checkpoint) past this mean KL per sequence
+    gather_for_rollout: bool = True     # ZeRO-3: weights gathered once per rollout instead of per forward
 
     def __post_init__(self):
         for key in ("rollout_batch", "minibatch", "epochs", "max_new_tokens", "samples_per_prompt"):
@@ -340,8 +342,21 @@ class PPORecipe:
         self.frozen = [models.palm, models.reference, models.reward_model]  # whatever exists and must never move
         self.ppo_facts["frozen_sha256"]["before"] = frozen_digest(self.frozen)
         self.engine = self.trainer.engine
-        self.zero3_multi_rank = self.engine.zero_optimization_stage() == 3 and self.dist.world_size > 1
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        # ZeRO-3 forwards are collectives (every rank gathers each layer) unless the weights were gathered
+        # for the whole rollout: only then may a rank stop decoding when its own rows are done
+        self.independent_decoding = not (self.zero3 and self.dist.world_size > 1 and not self.ppo.gather_for_rollout)
         return self.trainer
+
+    def policy_for_generation(self):
+        """ZeRO-3 with ppo.gather_for_rollout: the policy's weights gathered once and the per-forward
+        gather hooks lifted while sampling (DeepSpeed's unwrap_model_for_generation; TRL measured ~10x
+        over gathering at every token); otherwise nothing to do."""
+        if self.zero3 and self.ppo.gather_for_rollout:
+            from deepspeed.runtime.zero import unwrap_model_for_generation
+
+            return unwrap_model_for_generation(self.engine)
+        return nullcontext()
 
     def load_stage_state(self, state: dict) -> None:
         try:
@@ -361,7 +376,7 @@ class PPORecipe:
     def step(self, step: int) -> dict:
         """Rollout → divergence check → updates → KL controller: one PPO iteration."""
         data, stats = self.rollout(step)
-        stats["kl"] = mean_over_ranks(stats["kl"], self.dist.device)  # every rank: same β, same stop decision
+        stats["kl"] = mean_over_ranks(stats["kl"])  # every rank: same β, same stop decision
         if not math.isfinite(stats["kl"]) or stats["kl"] > self.ppo.max_kl:
             raise TrainingDiverged(f"ppo: mean KL {stats['kl']:.2f} exceeds ppo.max_kl={self.ppo.max_kl} at iteration "
                                    f"{step}; {self.trainer.last_good()} (lower optim.lr or raise ppo.kl_coef)")
@@ -377,12 +392,15 @@ class PPORecipe:
         # binary reward gives, and the critic sees several outcomes of one state
         indices = [i for i in self.order.indices(step - 1) for _ in range(ppo.samples_per_prompt)]
         batch_prompts = [self.prompts[i] for i in indices]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + self.dist.rank)
+        generator = seeded_generator(self.seed * 1_000_003 + step * 101 + self.dist.rank, self.dist.device)
         models.module.eval()
-        with lora_scope(models.palm, ACTOR if models.use_lora else None):
+        t0 = time.perf_counter()
+        with self.policy_for_generation(), lora_scope(models.palm, ACTOR if models.use_lora else None):
             out = generate(models.palm, [self.prompt_ids[i] for i in indices], max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p, eos_id=eos_id,
-                           pad_id=self.tokenizer.pad_id, generator=generator, stop_early=not self.zero3_multi_rank)
+                           pad_id=self.tokenizer.pad_id, generator=generator, stop_early=self.independent_decoding)
+        sampled_tokens = int(out.response_mask.sum())
+        rollout_s = time.perf_counter() - t0
         seq, attn, mask = out.sequences.to(device), out.attention_mask.to(device), out.response_mask.to(device)
         P = out.prompt_length
 
@@ -412,7 +430,8 @@ class PPORecipe:
 
         stats = {"reward": scored.penalised.mean().item(), "kl": shaped.mean_kl.item(), "kl_coef": self.kl_ctl.value,
                  "entropy": rl.masked_mean(rl.entropy_from_logits(response_slice(logits, P)), mask).item(),
-                 "response_tokens": mask.sum(1).float().mean().item(), "eos_rate": sum(ended) / len(ended)}
+                 "response_tokens": mask.sum(1).float().mean().item(), "eos_rate": sum(ended) / len(ended),
+                 "rollout_tokens_per_s": sampled_tokens / max(rollout_s, 1e-9)}
         if self.on_tasks:  # the checker's verdict on what was sampled
             stats["true_reward"] = sum(tasks.checker([prompt_text(x) for x in batch_prompts], texts)) / len(texts)
         old_logits = response_slice(logits, P) if ppo.variant == "reference" else None
@@ -444,7 +463,7 @@ class PPORecipe:
         loss term over the iteration's updates."""
         ppo, sums = self.ppo, {}
         minibatch_loss = self.reference_minibatch_loss if ppo.variant == "reference" else self.minibatch_loss
-        generator = torch.Generator().manual_seed(self.seed + step)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed + step)  # randperm's order, then moved
         for _ in range(ppo.epochs):
             for idx in torch.randperm(ppo.rollout_batch, generator=generator).split(ppo.minibatch):
                 idx = idx.to(self.dist.device)
@@ -494,7 +513,7 @@ class PPORecipe:
     def true_reward(self, scope: str | None):
         """(greedy task score, sampled true reward on held-out prompts, on training prompts) of `scope`'s policy."""
         max_new, temperature, palm = self.ppo.max_new_tokens, self.ppo.temperature, self.models.palm
-        with lora_scope(palm, scope):
+        with self.policy_for_generation(), lora_scope(palm, scope):
             score = task_score(palm, self.tokenizer, self.eval_examples, max_new_tokens=max_new)
             sampled = sampled_reward(palm, self.tokenizer, self.eval_examples, max_new_tokens=max_new, seed=self.seed,
                                      temperature=temperature)
@@ -529,17 +548,6 @@ def init_critic_from_reward(module: ActorCritic, reward_model: RewardModel, shar
             own = dict(module.palm.named_parameters())
             for name, tensor in lora_state_dict(module.palm, REWARD).items():
                 own[name.replace(f".{REWARD}", f".{CRITIC}")].copy_(tensor)
-
-
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    """The mean of `value` over all ranks (every rank calls it); the tensor sits on the rank's device, as NCCL needs."""
-    import torch.distributed as torch_dist
-
-    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch_dist.all_reduce(tensor)
-    return tensor.item() / torch_dist.get_world_size()
 
 
 def frozen_digest(modules: Sequence[nn.Module | None]) -> str:

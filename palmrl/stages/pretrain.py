@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from palmrl import checkpoint
@@ -36,9 +35,8 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
 
 
 def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T+1) window, computed in fp32."""
-    logits = model(tokens[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    """Mean next-token cross-entropy of a (B, T+1) window, computed in fp32 (in chunks: no full logits)."""
+    return model(tokens[:, :-1], targets=tokens[:, 1:])
 
 
 @dataclass(frozen=True)

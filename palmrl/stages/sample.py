@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.generate import generate_responses
+from palmrl.generate import generate_responses, model_device, seeded_generator
 from palmrl.model.registry import config_from_dict
-from palmrl.runtime import seed_everything
+from palmrl.runtime import inference_placement, seed_everything
 
 BATCH = 32  # prompts decoded together
 
@@ -69,9 +69,8 @@ def run(cfg: DictConfig) -> Path | None:
     seed_everything(int(cfg.seed))
     ckpt = checkpoint.load(cfg.ckpt, key="ckpt")
     tokenizer = ckpt.tokenizer()
-    model = checkpoint.model_from_checkpoint(ckpt)
-    if cfg.precision == "bf16":
-        model = model.to(torch.bfloat16)
+    device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
+    model = checkpoint.model_from_checkpoint(ckpt).to(device=device, dtype=dtype)
     chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
     if cfg.best_of_n and not cfg.reward:
         raise UserError("best_of_n=true needs reward=<a reward checkpoint> to pick the best sample")
@@ -86,26 +85,28 @@ def run(cfg: DictConfig) -> Path | None:
     responses = generate_responses(model, [encode_prompt(tokenizer, p, chat) for _, p in jobs], batch_size=BATCH,
                                    max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
                                    top_k=int(cfg.top_k), top_p=float(cfg.top_p), eos_id=tokenizer.eos_id,
-                                   pad_id=tokenizer.pad_id, generator=torch.Generator().manual_seed(int(cfg.seed)))
+                                   pad_id=tokenizer.pad_id,
+                                   generator=seeded_generator(int(cfg.seed), model_device(model)))
     records = []
     for (index, prompt), ids in zip(jobs, responses):
         text, well_formed = decode_response(tokenizer, ids)
         records.append({"prompt_index": index, "prompt": prompt, "response": text,
                         "tokens": len(ids), "ended": well_formed, "chat": chat})
     if cfg.reward:
-        records = score_records(cfg, ckpt, records)
+        records = score_records(cfg, ckpt, records, device)
     write_records(cfg, records)
     return None
 
 
-def score_records(cfg: DictConfig, policy: checkpoint.Checkpoint, records: list[dict]) -> list[dict]:
+def score_records(cfg: DictConfig, policy: checkpoint.Checkpoint, records: list[dict],
+                  device: torch.device) -> list[dict]:
     """Score every response with a reward model; with best_of_n keep each prompt's best."""
     from palmrl.reward import reward_model_from_checkpoint, score_texts
 
     rm_ckpt = checkpoint.load(cfg.reward, key="reward", stages=["reward"])
     if rm_ckpt.manifest.get("tokenizer_sha256") != policy.manifest.get("tokenizer_sha256"):
         raise UserError(f"reward: {rm_ckpt.path} uses a different tokenizer than {policy.path}")
-    rm = reward_model_from_checkpoint(rm_ckpt)
+    rm = reward_model_from_checkpoint(rm_ckpt).to(device)  # scores in fp32: they rank close samples
     max_len = config_from_dict(rm_ckpt.model_config).max_seq_len
     scores = score_texts(rm, rm_ckpt.tokenizer(), [r["prompt"] for r in records], [r["response"] for r in records],
                          max_len=max_len)

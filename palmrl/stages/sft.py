@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from palmrl import tasks
@@ -32,8 +31,7 @@ SCOPE = "sft"
 
 def sft_loss(model, batch) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over trained (response) tokens; also returns their count."""
-    logits = model(batch.tokens)  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+    loss = model(batch.tokens, targets=batch.targets, ignore_index=IGNORE_INDEX)  # fp32, in chunks
     return loss, int((batch.targets != IGNORE_INDEX).sum())
 
 
