@@ -29,7 +29,8 @@ demo: install
 	$(BIN)/palmrl pipeline
 
 test: install
-	$(BIN)/python -m pytest -q
+	# two workers, one thread each: one runs the demo pipeline and its quality gates, the other the rest
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m unit

@@ -85,6 +85,23 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
     return config
 
 
+def register_external_reads(module: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters around its own forward. Two kinds are read elsewhere:
+    PaLM's output layer reads the token embedding's weight in PaLM.forward, after the embedding's
+    forward released it, and LoRA's adapters live in ParameterDicts that have no forward of their
+    own. Declare both external parameters of the module that reads them (DeepSpeed's API for tied
+    weights), so they are gathered for its whole forward."""
+    from palmrl.model.palm import PaLM
+
+    for sub in module.modules():
+        if isinstance(sub, PaLM):
+            deepspeed.zero.register_external_parameter(sub, sub.token_emb.weight)
+        for child in sub.children():
+            if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
+                for param in child.parameters():
+                    deepspeed.zero.register_external_parameter(sub, param)
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms (1-D) never decay. Frozen parameters are left out entirely."""
     decay, no_decay = [], []
@@ -229,6 +246,8 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, self.optim.weight_decay), config=config)
         self.engine.checkpoint_engine.load = safe_load
+        if self.engine.zero_optimization_stage() == 3:
+            register_external_reads(module)
         _skip_nonfinite_steps(self.engine)
         self.nonfinite_steps = 0   # steps whose loss or gradients were NaN/Inf (their updates were skipped)
         self._nonfinite_streak = 0

@@ -130,7 +130,8 @@ def child_build(work: Path) -> dict:
 
     # the reward model: the same base, a `reward` LoRA scope and a head, all with non-zero weights
     lora = yaml.safe_load((ROOT / "configs" / "lora" / "r8.yaml").read_text())
-    add_lora(policy, "reward", LoRAConfig.from_dict(lora))
+    lora["targets"] = list(lora["targets"] or LoRAConfig.targets)  # null: PaLM's three projections
+    add_lora(policy, "reward", LoRAConfig(rank=lora["rank"], alpha=lora["alpha"], targets=tuple(lora["targets"])))
     model = RewardModel(policy, objective="pairwise")
     with torch.no_grad():
         for name, param in policy.named_parameters():

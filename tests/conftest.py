@@ -17,12 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
 
+# Under pytest-xdist (`make test` runs two workers) each worker, and what it launches, gets one thread:
+# two 2-thread processes on 2 cores spin in each other's OpenMP barriers (several times slower).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1" if XDIST_WORKER else "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -94,7 +98,14 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError(f"tests without exactly one marker of {'/'.join(KINDS)} (see tests/conftest.py):\n  "
                                 + "\n  ".join(unmarked))
-    items.sort(key=lambda item: item.get_closest_marker("quality") is not None)
+    quality = {id(item): item.get_closest_marker("quality") is not None for item in items}
+    if XDIST_WORKER:  # one group, first: one worker runs the pipeline while the other takes the rest
+        for item in items:
+            if quality[id(item)]:
+                item.add_marker(pytest.mark.xdist_group("pipeline"))
+        items.sort(key=lambda item: not quality[id(item)])
+    else:  # one process: the pipeline ran before the first test, its gates run last
+        items.sort(key=lambda item: quality[id(item)])
 
 
 # The test profile of `palmrl pipeline`: the demo's code path with fewer steps (see test_pipeline.py).
@@ -132,10 +143,27 @@ def tiny_chain(tmp_path_factory, tiny_chain_args):
     reuse = os.environ.get("PALMRL_TEST_TINY_CHAIN")
     if reuse:
         return Path(reuse)
-    work = tmp_path_factory.mktemp("tiny-chain")
-    proc = palmrl_cli("pipeline", *tiny_chain_args, cwd=work, timeout=900)
+    return once_per_run(tmp_path_factory, "tiny-chain", lambda work: _run_tiny_chain(work, tiny_chain_args))
+
+
+def _run_tiny_chain(work: Path, args: list[str]) -> Path:
+    proc = palmrl_cli("pipeline", *args, cwd=work, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work / "runs" / "tiny"
+
+
+def once_per_run(tmp_path_factory, name: str, build) -> Path:
+    """build(folder) once per pytest run, shared by xdist workers: the first to ask builds under a
+    file lock, the others wait for it and reuse the result (pytest-xdist's documented recipe)."""
+    shared = tmp_path_factory.getbasetemp().parent if XDIST_WORKER else tmp_path_factory.getbasetemp()
+    work, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if done.exists():
+            return Path(done.read_text())
+        work.mkdir(exist_ok=True)
+        result = build(work)
+        done.write_text(str(result))
+        return result
 
 
 class BackgroundPipeline:
@@ -170,7 +198,7 @@ def _demo_pipeline(request, tmp_path_factory, pipeline_args, _private_cache):
     in-process tests oversubscribes the cores, and OpenMP's spinning barriers made both several
     times slower than one after the other (measured: a 1.2-minute HF test took over 15)."""
     wanted = any("pipeline_run" in getattr(item, "fixturenames", ()) for item in request.session.items)
-    if not wanted or os.environ.get("PALMRL_TEST_PIPELINE_RUN"):
+    if not wanted or XDIST_WORKER or os.environ.get("PALMRL_TEST_PIPELINE_RUN"):
         yield None
         return
     background = BackgroundPipeline(tmp_path_factory.mktemp("pipeline"), pipeline_args)
@@ -180,7 +208,7 @@ def _demo_pipeline(request, tmp_path_factory, pipeline_args, _private_cache):
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(_demo_pipeline):
+def pipeline_run(_demo_pipeline, tmp_path_factory, pipeline_args):
     """The whole demo pipeline, run once per session (before the first test);
     returns runs/<run_name>. Only the quality gates use it: everything else uses `tiny_chain`.
 
@@ -189,4 +217,7 @@ def pipeline_run(_demo_pipeline):
     reuse = os.environ.get("PALMRL_TEST_PIPELINE_RUN")
     if reuse:
         return Path(reuse)
+    if XDIST_WORKER:  # the quality tests are one xdist group, scheduled first: one worker runs it
+        return once_per_run(tmp_path_factory, "pipeline",
+                            lambda work: BackgroundPipeline(work, pipeline_args).wait(timeout=1800))
     return _demo_pipeline.wait(timeout=1800)
