@@ -68,6 +68,7 @@ def resolve(path: str | os.PathLike, *, key: str = "ckpt") -> Path:
 class Checkpoint:
     path: Path
     manifest: dict
+    trust_remote_code: bool = False  # the user's consent (trust_remote_code=true), never the folder's
 
     @property
     def stage(self) -> str:
@@ -75,12 +76,22 @@ class Checkpoint:
 
     @property
     def model_config(self) -> dict:
-        return yaml.safe_load((self.path / MODEL_YAML).read_text())
+        """model.yaml, read only after its sha256 matched the manifest's (load checks it)."""
+        try:
+            config = yaml.safe_load(self._verified(MODEL_YAML).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"checkpoint {self.path}: unreadable {MODEL_YAML} ({str(err).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"checkpoint {self.path}: {MODEL_YAML} is not a mapping of model settings")
+        return config
 
     def tokenizer(self):
         tokenizer = Tokenizer.load(self.path)
         expected = self.manifest.get("tokenizer_sha256")
-        if expected and tokenizer.content_hash() != expected:
+        if not expected:
+            raise UserError(f"checkpoint {self.path}: {MANIFEST} has no tokenizer_sha256, so its tokenizer "
+                            f"cannot be checked (a palmrl checkpoint always records it)")
+        if tokenizer.content_hash() != expected:
             raise UserError(f"checkpoint {self.path}: its tokenizer does not match tokenizer_sha256 in {MANIFEST}")
         check_vocab(tokenizer, config_from_dict(self.model_config), where=f"checkpoint {self.path}")
         return tokenizer
@@ -120,7 +131,11 @@ class Checkpoint:
                 "sha256": self.content_hash}
 
 
-def load(path: str | os.PathLike, *, key: str = "ckpt", stages: Iterable[str] | None = None) -> Checkpoint:
+def load(path: str | os.PathLike, *, key: str = "ckpt", stages: Iterable[str] | None = None,
+         trust_remote_code: bool = False) -> Checkpoint:
+    """Open a checkpoint folder: its manifest read, model.yaml verified against the manifest.
+    `trust_remote_code` is the user's consent to run modelling code a Hugging Face-based checkpoint
+    names (auto_map); nothing in the folder can give it."""
     folder = resolve(path, key=key)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -133,7 +148,11 @@ def load(path: str | os.PathLike, *, key: str = "ckpt", stages: Iterable[str] | 
         raise UserError(f"{key}: {folder} is a {manifest['stage']} checkpoint; expected {' or '.join(allowed)}")
     if not (folder / MODEL_YAML).is_file():
         raise UserError(f"{key}: {folder} has no {MODEL_YAML}")
-    return Checkpoint(folder, manifest)
+    if not isinstance(manifest.get("files"), dict):
+        raise UserError(f"{key}: {folder / MANIFEST} has no 'files' table of sha256 digests")
+    ckpt = Checkpoint(folder, manifest, trust_remote_code=bool(trust_remote_code))
+    _ = ckpt.model_config  # verified and parsed before anything obeys it
+    return ckpt
 
 
 def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Tensor], model_config: Mapping,
@@ -154,6 +173,7 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
         save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, tmp / ADAPTERS)
         files[ADAPTERS] = sha256_file(tmp / ADAPTERS)
     (tmp / MODEL_YAML).write_text(yaml.safe_dump(dict(model_config), sort_keys=False))
+    files[MODEL_YAML] = sha256_file(tmp / MODEL_YAML)  # loading obeys model.yaml: it is verified like the weights
     tokenizer.save(tmp)
 
     manifest = {
@@ -231,11 +251,19 @@ def attach_adapters(model, ckpt: Checkpoint) -> list[str]:
 def model_from_checkpoint(ckpt: Checkpoint, *, adapters: bool = True):
     """The model (PaLM or HF) a checkpoint describes, with its LoRA adapters attached (active scope as saved)."""
     config = config_from_dict(ckpt.model_config)
-    model = build_model(config)
+    if getattr(config, "family", None) == "hf" and needs_remote_code(config) and not ckpt.trust_remote_code:
+        raise UserError(f"checkpoint {ckpt.path}: its model needs its own modelling code (auto_map); palmrl "
+                        f"runs it only when you pass trust_remote_code=true on the command line")
+    model = build_model(config, trust_remote_code=ckpt.trust_remote_code)
     load_trunk_weights(model, ckpt.weights(), where=str(ckpt.path))
     if adapters:
         attach_adapters(model, ckpt)
     return model
+
+
+def needs_remote_code(config) -> bool:
+    """An HF architecture transformers does not ship: its config names code to import (auto_map)."""
+    return bool(config.hf_config.get("auto_map")) or bool(config.source.get("trust_remote_code"))
 
 
 def policy_from_checkpoint(ckpt: Checkpoint):

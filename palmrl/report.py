@@ -52,6 +52,7 @@ class ReportSettings:
     samples: int = 6              # held-out prompts shown with the SFT and PPO greedy responses
     split: str = "test"           # never trained on, never used to pick a checkpoint
     seed: int = 0                 # prompts and sampling
+    trust_remote_code: bool = False  # the user's consent to run an HF-based checkpoint's own modelling code
 
     def __post_init__(self) -> None:
         for key, low in (("prompts", 0), ("max_n", 1), ("max_new_tokens", 1), ("samples", 0)):
@@ -314,11 +315,12 @@ def evaluate_policies(stages: dict[str, StageRun],
     """Best-of-n of the final policy and greedy samples before/after RLHF: (best_of_n, samples, notes)."""
     from palmrl import checkpoint, tasks
 
+    trust = settings.trust_remote_code
     notes: list[str] = []
     policy_names = [n for n in ("sft", "ppo") if n in stages and stages[n].manifest is not None]
     if not policy_names:
         return None, [], ["no sft/ or ppo/ final checkpoint: no best-of-n, no samples"]
-    ckpts = {n: checkpoint.load(stages[n].folder, key=n, stages=[n]) for n in policy_names}
+    ckpts = {n: checkpoint.load(stages[n].folder, key=n, stages=[n], trust_remote_code=trust) for n in policy_names}
     final = policy_names[-1]
     tokenizer = ckpts[final].tokenizer()
     for name in policy_names:
@@ -348,7 +350,7 @@ def evaluate_policies(stages: dict[str, StageRun],
     else:
         from palmrl.reward import reward_model_from_checkpoint
 
-        rm_ckpt = checkpoint.load(reward.folder, key="reward", stages=["reward"])
+        rm_ckpt = checkpoint.load(reward.folder, key="reward", stages=["reward"], trust_remote_code=trust)
         if rm_ckpt.manifest.get("tokenizer_sha256") != ckpts[final].manifest.get("tokenizer_sha256"):
             notes.append(f"reward/ uses another tokenizer than {final}/: best-of-n skipped")
         elif not fitting:

@@ -91,6 +91,13 @@ def palmrl_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
 KINDS = ("unit", "integration", "multiproc", "quality")
 
 
+def pytest_itemcollected(item):
+    """Under xdist the quality gates form one group (--dist loadgroup sends it to one worker). Marked
+    here, as each test is collected: xdist reads the group in its own collection hook."""
+    if XDIST_WORKER and item.get_closest_marker("quality") is not None:
+        item.add_marker(pytest.mark.xdist_group("pipeline"))
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
 def pytest_collection_modifyitems(config, items):
     """Refuse a test without exactly one of the four kinds; run the quality gates last."""
@@ -99,10 +106,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"tests without exactly one marker of {'/'.join(KINDS)} (see tests/conftest.py):\n  "
                                 + "\n  ".join(unmarked))
     quality = {id(item): item.get_closest_marker("quality") is not None for item in items}
-    if XDIST_WORKER:  # one group, first: one worker runs the pipeline while the other takes the rest
-        for item in items:
-            if quality[id(item)]:
-                item.add_marker(pytest.mark.xdist_group("pipeline"))
+    if XDIST_WORKER:  # one group (pytest_itemcollected), first: one worker runs the pipeline, the other the rest
         items.sort(key=lambda item: not quality[id(item)])
     else:  # one process: the pipeline ran before the first test, its gates run last
         items.sort(key=lambda item: quality[id(item)])

@@ -26,12 +26,13 @@ def config_from_dict(d: Mapping):
     return ModelConfig.from_dict(d)
 
 
-def build_model(config):
-    """An untrained model of the family `config` describes."""
+def build_model(config, *, trust_remote_code: bool = False):
+    """An untrained model of the family `config` describes. Remote code (an HF config's auto_map) runs
+    only with `trust_remote_code`, the user's explicit consent; never because a config file says so."""
     if getattr(config, "family", None) == "hf":
         from palmrl.model.hf import HFCausalLM
 
-        return HFCausalLM.from_config(config, trust_remote_code=bool(config.source.get("trust_remote_code")))
+        return HFCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return PaLM(config)
 
 

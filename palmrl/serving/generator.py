@@ -131,10 +131,10 @@ class Engine:
     """A checkpoint ready to generate: its tokenizer, model (eval), and how it wants prompts."""
 
     def __init__(self, ckpt: str | Path, *, key: str = "ckpt", device: str = "auto", precision: str = "auto",
-                 chat: str | bool = "auto"):
+                 chat: str | bool = "auto", trust_remote_code: bool = False):
         # errors name the device/precision keys beside the checkpoint's: "generator.device", "device"
         self.device, dtype = inference_placement(device, precision, key=key.removesuffix("ckpt"))
-        self.checkpoint = checkpoint.load(ckpt, key=key)
+        self.checkpoint = checkpoint.load(ckpt, key=key, trust_remote_code=trust_remote_code)
         self.tokenizer = self.checkpoint.tokenizer()
         self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval().to(device=self.device, dtype=dtype)
         self.chat = self.checkpoint.stage != "pretrain" if str(chat) == "auto" else bool(chat)

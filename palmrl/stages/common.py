@@ -61,7 +61,7 @@ def policy_source(cfg: DictConfig, key: str, stages: list[str]):
     if model_cfg is not None:
         model, tokenizer = checkpoint.load_source(model_cfg)
         return model, model.config, tokenizer, None, {"hf_source": model.config.source}
-    parent = checkpoint.load(cfg[key], key=key, stages=stages)
+    parent = checkpoint.load(cfg[key], key=key, stages=stages, trust_remote_code=bool(cfg.trust_remote_code))
     tokenizer = parent.tokenizer()
     model, config = checkpoint.policy_from_checkpoint(parent)
     return model, config, tokenizer, parent, {}

@@ -239,7 +239,8 @@ class PPORecipe:
 
     def __init__(self, cfg: DictConfig, ppo: PPOConfig, dist: Dist):
         self.cfg, self.ppo, self.dist, self.seed = cfg, ppo, dist, int(cfg.seed)
-        self.policy_ckpt = checkpoint.load(cfg.policy, key="policy", stages=["sft", "pretrain", "ppo"])
+        self.policy_ckpt = checkpoint.load(cfg.policy, key="policy", stages=["sft", "pretrain", "ppo"],
+                                           trust_remote_code=bool(cfg.trust_remote_code))
         self.tokenizer = self.policy_ckpt.tokenizer()
         self.models = self.build_models()
         self.build_data()
@@ -282,7 +283,8 @@ class PPORecipe:
                       str(reward_ckpt.path) if reward_ckpt else None, shared, actor_lora, critic_from)
 
     def load_reward(self) -> checkpoint.Checkpoint:
-        reward_ckpt = checkpoint.load(self.cfg.reward, key="reward", stages=["reward"])
+        reward_ckpt = checkpoint.load(self.cfg.reward, key="reward", stages=["reward"],
+                                      trust_remote_code=bool(self.cfg.trust_remote_code))
         if reward_ckpt.manifest.get("tokenizer_sha256") != self.policy_ckpt.manifest.get("tokenizer_sha256"):
             raise UserError(f"reward: {reward_ckpt.path} uses a different tokenizer than policy "
                             f"{self.policy_ckpt.path}")

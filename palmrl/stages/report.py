@@ -18,7 +18,8 @@ def run(cfg: DictConfig) -> Path:
     b = cfg.best_of_n
     settings = ReportSettings(prompts=int(b.prompts), max_n=int(b.max_n), temperature=float(b.temperature),
                               top_k=int(b.top_k), top_p=float(b.top_p), max_new_tokens=int(b.max_new_tokens),
-                              samples=int(cfg.samples), split=str(cfg.split), seed=int(cfg.seed))
+                              samples=int(cfg.samples), split=str(cfg.split), seed=int(cfg.seed),
+                              trust_remote_code=bool(cfg.trust_remote_code))
     report = write_report(Path(str(cfg.run_dir)), Path(str(cfg.out_dir)), settings)
     print_report(report.data)
     print(f"report: {report.markdown}", flush=True)

@@ -67,7 +67,7 @@ def decode_response(tokenizer, ids: list[int]) -> tuple[str, bool]:
 
 def run(cfg: DictConfig) -> Path | None:
     seed_everything(int(cfg.seed))
-    ckpt = checkpoint.load(cfg.ckpt, key="ckpt")
+    ckpt = checkpoint.load(cfg.ckpt, key="ckpt", trust_remote_code=bool(cfg.trust_remote_code))
     tokenizer = ckpt.tokenizer()
     device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
     model = checkpoint.model_from_checkpoint(ckpt).to(device=device, dtype=dtype)
@@ -103,7 +103,8 @@ def score_records(cfg: DictConfig, policy: checkpoint.Checkpoint, records: list[
     """Score every response with a reward model; with best_of_n keep each prompt's best."""
     from palmrl.reward import reward_model_from_checkpoint, score_texts
 
-    rm_ckpt = checkpoint.load(cfg.reward, key="reward", stages=["reward"])
+    rm_ckpt = checkpoint.load(cfg.reward, key="reward", stages=["reward"],
+                              trust_remote_code=bool(cfg.trust_remote_code))
     if rm_ckpt.manifest.get("tokenizer_sha256") != policy.manifest.get("tokenizer_sha256"):
         raise UserError(f"reward: {rm_ckpt.path} uses a different tokenizer than {policy.path}")
     rm = reward_model_from_checkpoint(rm_ckpt).to(device)  # scores in fp32: they rank close samples

@@ -33,7 +33,8 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def build_server(cfg: DictConfig) -> Server:
-    engine = Engine(cfg.ckpt, key="ckpt", device=str(cfg.device), precision=str(cfg.precision), chat=cfg.chat)
+    engine = Engine(cfg.ckpt, key="ckpt", device=str(cfg.device), precision=str(cfg.precision), chat=cfg.chat,
+                    trust_remote_code=bool(cfg.trust_remote_code))
     limits = dataclass_from_cfg(Limits, cfg.limits, "limits")
     batching = dataclass_from_cfg(Batching, cfg.batching, "batching")
     return Server(engine, model_name=str(cfg.model_name or engine.name), limits=limits, batching=batching,
