@@ -30,7 +30,7 @@ demo: install
 
 test: install
 	# two workers, one thread each: one runs the demo pipeline and its quality gates, the other the rest
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m unit

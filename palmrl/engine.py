@@ -12,6 +12,7 @@ and the RNG states travel in DeepSpeed's client state.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -35,7 +36,7 @@ from torch import nn
 from palmrl import checkpoint
 from palmrl.config import check_training_config
 from palmrl.errors import Preempted, TrainingDiverged, UserError
-from palmrl.io import write_atomic
+from palmrl.io import FolderLock, write_atomic
 from palmrl.model.registry import set_activation_checkpointing
 from palmrl.runtime import Dist, any_rank, barrier
 from palmrl.tracking import Tracker
@@ -257,9 +258,17 @@ class Trainer:
 
     # ---- output folder -------------------------------------------------------------------
     def _check_out_dir(self) -> None:
-        """Never overwrite a previous run: continuing one needs resume=auto, replacing it overwrite=true."""
+        """Never overwrite a previous run: continuing one needs resume=auto, replacing it overwrite=true.
+        One process per run folder (an OS lock, rank 0), and a folder holding another stage's run is
+        neither resumed nor replaced."""
         has_run = (self.out_dir / DS_DIR).exists() or (self.out_dir / "final").exists()
+        owner = _folder_stage(self.out_dir)
+        if has_run and owner is not None and owner != self.stage:
+            raise UserError(f"{self.out_dir} holds a {owner} run: a {self.stage} run neither resumes nor replaces it; "
+                            f"choose another out_dir or run_name")
         self._resume_tag()  # a resume target that does not exist fails before anything is written
+        if self.dist.is_main:  # the checks above only read; from here on this process owns the folder
+            self._lock = FolderLock(self.out_dir, what=f"{self.stage} run")
         if has_run and self.cfg.resume is None and not self.cfg.get("overwrite", False):
             raise UserError(f"{self.out_dir} already holds a {self.stage} run: add resume=auto to continue it, "
                             f"overwrite=true to replace it, or choose another run_name")
@@ -289,7 +298,17 @@ class Trainer:
             return None
         if str(resume) == "auto":
             latest = self.out_dir / DS_DIR / "latest"
-            return latest.read_text().strip() if latest.is_file() else None
+            try:
+                tag = latest.read_text().strip() if latest.is_file() else None
+            except (OSError, UnicodeDecodeError):
+                tag = None
+            if tag is not None and (self.out_dir / DS_DIR / tag).is_dir():
+                return tag
+            # `latest` missing or pointing nowhere: the newest step whose checkpoint folder was completed
+            # (it is written after the DeepSpeed state), never a reason to delete state
+            complete = sorted(d.name for d in (self.out_dir / DS_DIR).glob("step-*")
+                              if d.is_dir() and (self.out_dir / d.name / checkpoint.MANIFEST).is_file())
+            return complete[-1] if complete else None
         folder = Path(str(resume))
         tag = folder.name
         if not (self.out_dir / DS_DIR / tag).is_dir():
@@ -378,6 +397,16 @@ class Trainer:
     def fit(self, step_fn: Callable[[int], Mapping[str, Any]],
             eval_fn: Callable[[], Mapping[str, Any]] | None = None,
             start_rows: Mapping[str, Any] | None = None) -> Path:
+        """Train to max_steps (or a stop), saving as configured; the run folder's lock is released
+        however it ends."""
+        try:
+            return self._fit(step_fn, eval_fn, start_rows)
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
+
+    def _fit(self, step_fn: Callable[[int], Mapping[str, Any]], eval_fn: Callable[[], Mapping[str, Any]] | None,
+             start_rows: Mapping[str, Any] | None) -> Path:
         train = self.train
         start = self.maybe_resume()
         self.tracker.summary(f"palmrl {self.stage}", {
@@ -510,6 +539,23 @@ class Trainer:
         """One micro-batch: DeepSpeed scales for accumulation and steps the optimizer on the boundary."""
         self.engine.backward(loss)
         self.engine.step()
+
+
+def _folder_stage(folder: Path) -> str | None:
+    """The stage whose run a folder holds (its config.yaml, else a checkpoint manifest), if any."""
+    try:
+        text = (folder / "config.yaml").read_text()
+        stage = (OmegaConf.create(text) or {}).get("stage")
+        if stage:
+            return str(stage)
+    except Exception:  # noqa: BLE001 - an unreadable config.yaml says nothing about the owner
+        pass
+    for manifest in sorted(folder.glob("*/" + checkpoint.MANIFEST)):
+        try:
+            return str(json.loads(manifest.read_text())["stage"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

@@ -86,6 +86,70 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class FolderLock:
+    """An OS lock (flock) on `<folder>/.palmrl.lock`, held while the process lives or until `release`:
+    a second palmrl process on the same folder is refused with the holder's pid. The kernel releases
+    it on any exit, kill -9 included, so a stale file never blocks a later run. Within one process
+    the folder's lock is shared (runs one after another in a test, a pipeline in-process)."""
+
+    NAME = ".palmrl.lock"
+    _held: dict[str, object] = {}  # folder -> open lock file, this process
+
+    def __init__(self, folder: Path, *, what: str):
+        import fcntl
+
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"out_dir: cannot create {folder}: {err.strerror}") from None
+        self.key = str(folder.resolve())
+        if self.key in self._held:
+            return
+        lock_file = open(folder / self.NAME, "a+")  # noqa: SIM115 - held for the run's life
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            lock_file.close()
+            raise UserError(f"{folder} is in use by {holder}: wait for it to finish, or choose another "
+                            f"run_name/out_dir") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"palmrl {what} (pid {os.getpid()})\n")
+        lock_file.flush()
+        self._held[self.key] = lock_file
+
+    def release(self) -> None:
+        lock_file = self._held.pop(self.key, None)
+        if lock_file is not None:
+            lock_file.close()  # closing the file drops the flock
+
+
+def check_output_file(path: str | os.PathLike, *, key: str, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """palmrl's one policy for a file a command writes (sample output=, dedup out=, selfinstruct
+    out=, ...): it must not be one of the command's inputs, must not sit inside a checkpoint folder
+    or a training run's folder, must not be a folder, and its folder must exist. Returns the path;
+    writers then write a temporary file and rename it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{key}: {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{key}: the folder {path.parent} does not exist")
+    for given in inputs:
+        given = Path(given)
+        if given.exists() and path.exists() and os.path.samefile(given, path):
+            raise UserError(f"{key}: {path} is also this command's input; writing it would destroy it")
+    here = path.parent.resolve()
+    for folder in [here, *here.parents][:3]:  # a checkpoint (final/, step-N/), its run folder, the stage folder
+        checkpoint = (folder / "manifest.json").is_file() and (folder / "model.yaml").is_file()
+        if checkpoint or (folder / FolderLock.NAME).is_file():
+            raise UserError(f"{key}: {path} is inside the palmrl {'checkpoint' if checkpoint else 'run'} folder "
+                            f"{folder}; write elsewhere")
+    return path
+
+
 def readable_by_umask(folder: Path) -> None:
     """safetensors writes its files 0600; give every file the mode the user's umask asks for, like
     the JSON/YAML files beside it (a shared machine's readers need the weights too)."""

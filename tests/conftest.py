@@ -26,7 +26,9 @@ CONFIG_DIR = ROOT / "configs"
 # two 2-thread processes on 2 cores spin in each other's OpenMP barriers (several times slower).
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("OMP_NUM_THREADS", "1" if XDIST_WORKER else "2")
+if XDIST_WORKER:  # forced: the controller that started the worker may have set 2 in its own environment
+    os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -91,13 +93,6 @@ def palmrl_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
 KINDS = ("unit", "integration", "multiproc", "quality")
 
 
-def pytest_itemcollected(item):
-    """Under xdist the quality gates form one group (--dist loadgroup sends it to one worker). Marked
-    here, as each test is collected: xdist reads the group in its own collection hook."""
-    if XDIST_WORKER and item.get_closest_marker("quality") is not None:
-        item.add_marker(pytest.mark.xdist_group("pipeline"))
-
-
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
 def pytest_collection_modifyitems(config, items):
     """Refuse a test without exactly one of the four kinds; run the quality gates last."""
@@ -106,7 +101,12 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"tests without exactly one marker of {'/'.join(KINDS)} (see tests/conftest.py):\n  "
                                 + "\n  ".join(unmarked))
     quality = {id(item): item.get_closest_marker("quality") is not None for item in items}
-    if XDIST_WORKER:  # one group (pytest_itemcollected), first: one worker runs the pipeline, the other the rest
+    elsewhere = [item.nodeid for item in items if quality[id(item)] and item.path.name != "test_pipeline.py"]
+    if elsewhere:  # `make test` hands whole files to its two workers: the gates must share one file
+        raise pytest.UsageError("quality tests live in tests/test_pipeline.py (one xdist worker runs the demo "
+                                "pipeline for them):\n  " + "\n  ".join(elsewhere))
+    if XDIST_WORKER:  # first: with --dist loadfile the file of the quality gates (test_pipeline.py) goes to one
+        # worker before anything else, so it runs the pipeline while the other worker takes the rest
         items.sort(key=lambda item: not quality[id(item)])
     else:  # one process: the pipeline ran before the first test, its gates run last
         items.sort(key=lambda item: quality[id(item)])
@@ -178,6 +178,9 @@ class BackgroundPipeline:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
         env["PALMRL_CONFIG_DIR"] = str(CONFIG_DIR)
+        # the demo's own thread count, also under xdist: its quality gates and README's figures are
+        # those of `palmrl pipeline` on this 2-core machine (fewer threads change the float sums)
+        env["OMP_NUM_THREADS"] = "2"
         self.work, self.log = work, work / "pipeline.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "palmrl", "pipeline", *args], cwd=work, env=env,
@@ -221,7 +224,7 @@ def pipeline_run(_demo_pipeline, tmp_path_factory, pipeline_args):
     reuse = os.environ.get("PALMRL_TEST_PIPELINE_RUN")
     if reuse:
         return Path(reuse)
-    if XDIST_WORKER:  # the quality tests are one xdist group, scheduled first: one worker runs it
+    if XDIST_WORKER:  # the quality gates all live in test_pipeline.py: one worker (--dist loadfile) runs it
         return once_per_run(tmp_path_factory, "pipeline",
                             lambda work: BackgroundPipeline(work, pipeline_args).wait(timeout=1800))
     return _demo_pipeline.wait(timeout=1800)

@@ -162,7 +162,7 @@ def test_dedup_stage_writes_kept_removed_and_report(tmp_path):
 
     with pytest.raises(UserError, match="overwrite=true"):
         run_stage("dedup", [f"in={src}", f"out={out}", f"out_dir={tmp_path}"])
-    with pytest.raises(UserError, match="must differ"):
+    with pytest.raises(UserError, match="is also this command's input"):
         run_stage("dedup", [f"in={src}", f"out={src}", f"out_dir={tmp_path}", "overwrite=true"])
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from palmrl.errors import UserError
+from palmrl.io import check_output_file, write_atomic
 from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, print_report
 from palmrl.tracking import console
 
@@ -34,8 +35,9 @@ def dedup_file(src: Path, dst: Path, removed_path: Path, record_filter: RecordFi
     t0 = time.perf_counter()
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     total = 0
+    removed_tmp = removed_path.with_name(f".{removed_path.name}.tmp-{os.getpid()}")
     with open(src, encoding="utf-8", errors="replace") as fin, open(tmp, "w", encoding="utf-8") as fout, \
-            open(removed_path, "w", encoding="utf-8") as frem:
+            open(removed_tmp, "w", encoding="utf-8") as frem:
         for number, line in enumerate(fin, 1):
             if not line.strip():
                 continue
@@ -52,6 +54,7 @@ def dedup_file(src: Path, dst: Path, removed_path: Path, record_filter: RecordFi
                            "record": record if record is not None else line.rstrip("\n")}
                 frem.write(json.dumps(removed, ensure_ascii=False) + "\n")
     tmp.replace(dst)
+    removed_tmp.replace(removed_path)
     elapsed = time.perf_counter() - t0
     return {"in": str(src), "out": str(dst), "removed_records": str(removed_path), "records": total,
             "kept": record_filter.kept, "removed": record_filter.counts(),
@@ -63,16 +66,16 @@ def run(cfg: DictConfig) -> Path | None:
     src, dst = Path(str(cfg["in"])), Path(str(cfg.out))
     if not src.is_file():
         raise UserError(f"in: no such file: {src}")
-    if dst.resolve() == src.resolve():
-        raise UserError(f"out: must differ from in ({dst}): dedup never rewrites its input")
+    removed_file, report_file = dst.with_name(f"{dst.stem}.removed.jsonl"), dst.with_name(f"{dst.stem}.report.json")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for path in (dst, removed_file, report_file):  # none of the three may be the input (or in a checkpoint)
+        check_output_file(path, key="out", inputs=[src])
     if dst.exists() and not cfg.overwrite:
         raise UserError(f"out: {dst} exists; set overwrite=true to replace it")
     record_filter = RecordFilter(FilterConfig.from_cfg(cfg.filters), DedupConfig.from_cfg(cfg.dedup))
-    dst.parent.mkdir(parents=True, exist_ok=True)
 
-    report = dedup_file(src, dst, dst.with_name(f"{dst.stem}.removed.jsonl"), record_filter)
-    report_file = dst.with_name(f"{dst.stem}.report.json")
-    report_file.write_text(json.dumps(report, indent=2) + "\n")
+    report = dedup_file(src, dst, removed_file, record_filter)
+    write_atomic(report_file, json.dumps(report, indent=2) + "\n")
     print_report(f"palmrl dedup: {report['kept']} of {report['records']} records kept "
                  f"({report['records_per_s']} records/s)", report["records"], report["kept"], report["removed"])
     console.print(f"kept -> {dst}\nreport -> {report_file}")

@@ -9,6 +9,7 @@ with overwrite=true.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.io import quiet_transformers, readable_by_umask, transformers
+from palmrl.io import check_output_file, quiet_transformers, readable_by_umask, transformers
 from palmrl.model.hf import HFCausalLM
 from palmrl.model.registry import config_from_dict
 from palmrl.tokenizer import HEADERS_TEMPLATE, HFTokenizer
@@ -29,17 +30,40 @@ def run(cfg: DictConfig) -> Path:
         raise UserError(f"ckpt: {ckpt.path} is a PaLM checkpoint; export writes Hugging Face folders, which only "
                         f"checkpoints started from model=hf have an architecture for")
     out = Path(str(cfg.out)).expanduser()
-    if out.exists() and any(out.iterdir()) and not cfg.get("overwrite", False):
-        raise UserError(f"out: {out} exists and is not empty; add overwrite=true to replace it")
+    check_export_target(out, ckpt.path, overwrite=bool(cfg.get("overwrite", False)))
     model, _ = checkpoint.policy_from_checkpoint(ckpt)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     export_hf(model, ckpt.tokenizer(), tmp)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"from": ckpt.lineage()}, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"palmrl: exported {ckpt.path} -> {out} (transformers: AutoModelForCausalLM.from_pretrained('{out}'))",
           flush=True)
     return out
+
+
+EXPORT_MARKER = "palmrl_export.json"  # written into every export: overwrite=true replaces only such folders
+
+
+def check_export_target(out: Path, source: Path, *, overwrite: bool) -> None:
+    """out= must be a new folder, or (overwrite=true) one a previous export made: never the current
+    directory, a checkpoint, or any other folder whose contents palmrl did not write."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out: {out} is a file; give a folder for the Hugging Face model")
+    if not out.parent.is_dir():
+        raise UserError(f"out: the folder {out.parent} does not exist")
+    resolved = out.resolve()
+    if resolved in (Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)) or \
+            resolved == source.resolve() or source.resolve().is_relative_to(resolved):
+        raise UserError(f"out: {out} would replace a folder export did not make; give a new folder")
+    check_output_file(out / EXPORT_MARKER if out.is_dir() else out, key="out")  # not in a checkpoint or run
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"out: {out} exists and is not empty; add overwrite=true to replace an earlier export")
+        if not (out / EXPORT_MARKER).is_file():
+            raise UserError(f"out: {out} is not a folder palmrl export wrote (no {EXPORT_MARKER}); overwrite=true "
+                            f"only replaces an earlier export")
 
 
 def export_hf(model: HFCausalLM, tokenizer: HFTokenizer, folder: Path) -> Path:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from palmrl import checkpoint
 from palmrl.errors import UserError
 from palmrl.generate import generate_responses, model_device, seeded_generator
+from palmrl.io import check_output_file, write_atomic
 from palmrl.model.registry import config_from_dict
 from palmrl.runtime import inference_placement, seed_everything
 
@@ -67,6 +68,7 @@ def decode_response(tokenizer, ids: list[int]) -> tuple[str, bool]:
 
 def run(cfg: DictConfig) -> Path | None:
     seed_everything(int(cfg.seed))
+    check_output(cfg)
     ckpt = checkpoint.load(cfg.ckpt, key="ckpt", trust_remote_code=bool(cfg.trust_remote_code))
     tokenizer = ckpt.tokenizer()
     device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
@@ -124,18 +126,26 @@ def score_records(cfg: DictConfig, policy: checkpoint.Checkpoint, records: list[
     return [best[i] for i in sorted(best)]
 
 
+def check_output(cfg: DictConfig) -> None:
+    """Before any model is loaded: the format is known and output= is a file palmrl may write."""
+    if cfg.format not in ("text", "jsonl"):
+        raise UserError(f"format must be text or jsonl, got '{cfg.format}'")
+    if cfg.output:
+        inputs = [str(x) for x in (cfg.prompt_file, cfg.ckpt, cfg.reward) if x]
+        check_output_file(str(cfg.output), key="output", inputs=inputs)
+
+
 def write_records(cfg: DictConfig, records: list[dict]) -> None:
-    sink = open(str(cfg.output), "w") if cfg.output else sys.stdout
-    try:
-        for rec in records:
-            if cfg.format == "jsonl":
-                sink.write(json.dumps(rec) + "\n")
-            elif cfg.format == "text":
-                score = f" [score {rec['score']:.3f}]" if "score" in rec else ""
-                sep = "\n→ " if rec.get("chat") else ""
-                sink.write(f"### prompt {rec['prompt_index']}{score}\n{rec['prompt']}{sep}{rec['response']}\n\n")
-            else:
-                raise UserError(f"format must be text or jsonl, got '{cfg.format}'")
-    finally:
-        if sink is not sys.stdout:
-            sink.close()
+    """The records as text or JSON lines, to stdout or (atomically) to output=."""
+    lines = []
+    for rec in records:
+        if cfg.format == "jsonl":
+            lines.append(json.dumps(rec) + "\n")
+        else:
+            score = f" [score {rec['score']:.3f}]" if "score" in rec else ""
+            sep = "\n→ " if rec.get("chat") else ""
+            lines.append(f"### prompt {rec['prompt_index']}{score}\n{rec['prompt']}{sep}{rec['response']}\n\n")
+    if cfg.output:
+        write_atomic(Path(str(cfg.output)), "".join(lines))
+    else:
+        sys.stdout.write("".join(lines))

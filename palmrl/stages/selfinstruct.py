@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from palmrl.io import check_output_file
 from palmrl.runtime import seed_everything
 from palmrl.selfinstruct.backends import GenParams, make_backend
 from palmrl.selfinstruct.filters import DedupConfig, FilterConfig, RecordFilter, dataclass_from_cfg, print_report
@@ -54,6 +55,9 @@ class _Progress:
 def run(cfg: DictConfig) -> Path | None:
     seed_everything(int(cfg.seed))
     out = Path(str(cfg.out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path in (out, report_path(out)):
+        check_output_file(path, key="out", inputs=[str(cfg.seeds)] if cfg.get("seeds") else [])
     if cfg.overwrite:
         out.unlink(missing_ok=True)
         report_path(out).unlink(missing_ok=True)
