@@ -99,6 +99,13 @@ def _hydra_error_line(err: BaseException) -> str:
     return type(err).__name__
 
 
+def _raised_by_hydra(err: BaseException) -> bool:
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and "/hydra/" in frames[-1].filename.replace("\\", "/")
+
+
 def _plan(args: list[str]) -> None:
     """`palmrl plan <stage> [overrides]`: compose the stage's config as a run would, then estimate."""
     from palmrl.plan import TRAINING_STAGES
@@ -175,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(err), err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
         _fail(_hydra_error_line(err))
+    except ValueError as err:  # Hydra rejects some overrides (`zero=null`) with a bare ValueError
+        if not _raised_by_hydra(err):
+            raise
+        _fail(f"{_hydra_error_line(err)} (in the command-line overrides)")
     except KeyboardInterrupt:
         print("palmrl: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -178,9 +178,8 @@ class BackgroundPipeline:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
         env["PALMRL_CONFIG_DIR"] = str(CONFIG_DIR)
-        # the demo's own thread count, also under xdist: its quality gates and README's figures are
-        # those of `palmrl pipeline` on this 2-core machine (fewer threads change the float sums)
-        env["OMP_NUM_THREADS"] = "2"
+        # under xdist it runs with one thread, beside the other worker: float sums then differ from a
+        # 2-thread `make demo` in the last digits, so the gates carry noise margins, not exact figures
         self.work, self.log = work, work / "pipeline.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "palmrl", "pipeline", *args], cwd=work, env=env,

@@ -207,6 +207,7 @@ def test_bad_input_is_one_line_exit_2(build, culprit, tiny_chain, tmp_path, monk
     (["pretrain", "train.max_steps=abc"], "train.max_steps"),
     (["sample", "ckpt=/no/such/ckpt", "prompt=x"], "/no/such/ckpt"),
     (["nosuchstage"], "nosuchstage"),
+    (["pretrain", "zero=null"], "Config group override"),  # Hydra's bare ValueError (the probe's case)
 ])
 def test_bad_input_through_the_real_command(argv, culprit, tmp_path):
     proc = palmrl_cli(*argv, cwd=tmp_path)

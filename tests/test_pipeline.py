@@ -77,7 +77,8 @@ def test_ppo_raises_true_reward_within_the_kl_bound(pipeline_run):
     assert 0.0 < max(kls) < 1.0, kls  # nats per sequence; best-of-4 sits at log 4 - 3/4 = 0.64
     assert ppo["config"]["ppo"]["advantage"] == "rloo" and not any("value_loss" in r for r in rows)  # no critic
     assert ppo["metrics"]["format_rate"] >= 0.9
-    assert ppo["metrics"]["sampled_reward"] >= ppo["init_sampled_reward"] - 0.05
+    # held-out: 400 samples a side, so the difference has a noise std of ~0.03; "not collapsed" = within 3 of them
+    assert ppo["metrics"]["sampled_reward"] >= ppo["init_sampled_reward"] - 0.1
     assert ppo["metrics"]["accuracy"] >= ppo["init_accuracy"] - 0.08
 
 
@@ -88,7 +89,8 @@ def test_best_of_n_not_worse_than_single_sample(pipeline_run):
     rewards = {int(row["n"]): row["true_reward"] for row in curve["rows"]} if "rows" in curve else \
         {int(n): v["true_reward"] for n, v in curve.items()}
     ns = sorted(rewards)
-    assert rewards[ns[-1]] >= rewards[ns[0]], rewards
+    # 64 prompts, paired (the same prompts at every n): a margin for sampling noise, not for a worse reranker
+    assert rewards[ns[-1]] >= rewards[ns[0]] - 0.03, rewards
 
 
 @pytest.mark.quality

@@ -352,3 +352,65 @@ def test_cli_refuses_a_busy_port(tmp_path, ckpt):
         port = busy.getsockname()[1]
         proc = palmrl_cli("serve", f"ckpt={ckpt}", f"port={port}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and f"port: cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# hardening: out-of-range values, request size, Host header, startup limits
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "hi", "seed": 2**64}, "seed"),           # beyond torch's 64-bit generator: was a 500
+    ({"prompt": "hi", "seed": -1}, "seed"),
+    ({"prompt": "hi", "max_tokens": True}, "max_tokens"),  # JSON true is not a count: was taken as 1
+    ({"prompt": "hi", "n": 1.5}, "n"),
+])
+def test_out_of_range_values_are_400_naming_the_field(client, body, param):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def guarded_client(engine, **kwargs):
+    from fastapi.testclient import TestClient
+
+    limits = Limits(max_body_bytes=kwargs.pop("max_body_bytes", 1_000_000))
+    return TestClient(build_app(Server(engine, model_name="tiny", limits=limits), **kwargs))
+
+
+@pytest.mark.unit
+def test_a_body_over_the_limit_is_413_before_it_is_read(engine):
+    with guarded_client(engine, max_body_bytes=2_000) as c:
+        big = c.post("/v1/completions", json={"prompt": "x" * 5_000, "max_tokens": 1})
+        assert big.status_code == 413 and "limits.max_body_bytes" in big.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
+
+        def chunks():  # no Content-Length: counted while it streams in
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 500
+            yield b'"}'
+        streamed = c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+
+
+@pytest.mark.unit
+def test_a_loopback_server_answers_only_to_its_own_host_names(engine):
+    with guarded_client(engine, allowed_hosts=frozenset({"127.0.0.1", "localhost", "::1"})) as c:
+        assert c.get("/v1/models", headers={"host": "localhost:8000"}).status_code == 200
+        assert c.get("/v1/models", headers={"host": "[::1]:8000"}).status_code == 200
+        rebound = c.get("/v1/models", headers={"host": "evil.example:8000"})
+        assert rebound.status_code == 400 and rebound.json()["error"]["param"] == "Host"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("limits", "message"), [
+    ({"max_n": -1}, "limits.max_n must be a positive integer"),
+    ({"max_tokens": 0}, "limits.max_tokens"),
+    ({"max_body_bytes": True}, "limits.max_body_bytes"),
+])
+def test_startup_limits_are_checked(limits, message):
+    from palmrl.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        Limits(**limits)

@@ -44,6 +44,13 @@ class Limits:
     max_n: int = 8  # samples per prompt
     max_prompts: int = 16  # prompts in one /v1/completions request
     max_concurrent: int = 64  # requests queued or running; one more gets 429 (memory and latency stay bounded)
+    max_body_bytes: int = 1_000_000  # a larger request body gets 413 before it is read, parsed or tokenised
+
+    def __post_init__(self) -> None:
+        for key in ("max_tokens", "default_max_tokens", "max_n", "max_prompts", "max_concurrent", "max_body_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"limits.{key} must be a positive integer, got {value!r}")
 
 
 class Server:
@@ -75,7 +82,7 @@ class Server:
             raise HTTPFailure(400, f"the prompt is {prompt_len} tokens; the model's context is "
                                    f"{self.engine.max_seq_len}, which leaves no room to generate", param="prompt")
         if asked is None:
-            return min(self.limits.default_max_tokens, room)
+            return min(self.limits.default_max_tokens, self.limits.max_tokens, room)
         if asked > room:
             raise HTTPFailure(400, f"the prompt is {prompt_len} tokens and max_tokens is {asked}: together they "
                                    f"exceed the model's context of {self.engine.max_seq_len} tokens",
@@ -235,8 +242,66 @@ def _validation_message(err) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def build_app(server: Server):
-    """The FastAPI app over a Server; the worker thread runs for the app's lifetime."""
+class Guard:
+    """ASGI middleware in front of the app: a Host header the server does not answer to is refused
+    (400: a DNS-rebinding page reaching a loopback server carries its own host name), and a body
+    larger than `max_body_bytes` is refused (413) from its Content-Length or while it streams in,
+    before any of it is parsed or tokenised."""
+
+    def __init__(self, app, *, allowed_hosts: frozenset[str] | None, max_body_bytes: int):
+        self.app, self.allowed_hosts, self.max_body_bytes = app, allowed_hosts, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = _hostname(headers.get("host", ""))
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return await _reply(send, HTTPFailure(400, f"Host '{host}' is not served here (serve allowed_hosts)",
+                                                  param="Host"))
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _reply(send, self._too_large())
+        if length.isdigit():
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read up to the limit here, then hand the body on
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:
+                return await _reply(send, self._too_large())
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _too_large(self) -> HTTPFailure:
+        return HTTPFailure(413, f"request body exceeds this server's limit of {self.max_body_bytes} bytes "
+                                f"(serve limits.max_body_bytes)")
+
+
+def _hostname(host: str) -> str:
+    """`[::1]:8000` -> `::1`, `localhost:8000` -> `localhost`."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+async def _reply(send, failure: HTTPFailure) -> None:
+    body = json.dumps(failure.body()).encode()
+    await send({"type": "http.response.start", "status": failure.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(server: Server, *, allowed_hosts: frozenset[str] | None = None):
+    """The FastAPI app over a Server; the worker thread runs for the app's lifetime. `allowed_hosts`:
+    the Host header names it answers to (None: any)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -285,4 +350,4 @@ def build_app(server: Server):
     async def health():
         return server.health()
 
-    return app
+    return Guard(app, allowed_hosts=allowed_hosts, max_body_bytes=server.limits.max_body_bytes)

@@ -27,15 +27,16 @@ class Body(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # strict integers: JSON `true` is not a count; seeds fit torch's 64-bit generator
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0 = off
-    n: int = Field(default=1, ge=1)
+    top_k: int = Field(default=0, ge=0, strict=True)  # vLLM's extension; 0 = off
+    n: int = Field(default=1, ge=1, strict=True)
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -106,7 +107,7 @@ class Message(BaseModel):
 
 class ChatBody(Body):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     stream_options: StreamOptions | None = None
 
 

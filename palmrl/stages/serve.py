@@ -56,5 +56,9 @@ def run(cfg: DictConfig) -> Path | None:
                   f"{'chat template' if engine.chat else 'raw text'}) on http://{host}:{port}/v1")
     if host not in LOOPBACK:
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach it can use it (no auth)")
-    uvicorn.run(build_app(server), host=host, port=port, log_level=str(cfg.log_level), access_log=False)
+    # on a loopback address, answer only to loopback names (and allowed_hosts): DNS rebinding defence
+    allowed = frozenset([*LOOPBACK, host, *[str(h) for h in (cfg.get("allowed_hosts") or [])]]) \
+        if host in LOOPBACK else None
+    uvicorn.run(build_app(server, allowed_hosts=allowed), host=host, port=port, log_level=str(cfg.log_level),
+                access_log=False)
     return None
