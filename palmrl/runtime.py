@@ -196,6 +196,12 @@ def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path],
         check_override_types(stage, cfg)
     if all(key in cfg for key in ("train", "optim", "zero")):
         check_training_config(cfg)
+        resume = cfg.get("resume")
+        if resume is not None and str(resume) != "auto":  # before a tokenizer is trained or data tokenised
+            folder = Path(str(resume))
+            if not (folder.name.startswith("step-") and folder.name[5:].isdigit() and folder.is_dir()):
+                raise UserError(f"resume: {resume} is not a step folder (…/<stage>/step-NNNNNN); "
+                                f"use resume=auto to continue the newest one")
         with open_dict(cfg):  # decided here, so the run's config.yaml and manifests say which
             cfg.precision = training_precision(str(cfg.precision))
     return runner(cfg)

@@ -140,6 +140,8 @@ CASES = [
     ("report of a missing run", lambda t, r: ["report", str(t / "nothing")], "nothing"),
     ("resume from a missing step", lambda t, r: ["pretrain", *TINY, "resume=runs/x/pretrain/step-000009",
                                                  f"tokenizer.path={r / 'tokenizer'}"], "step-000009"),
+    ("resume that is not a step folder", lambda t, r: ["pretrain", *TINY, "resume=..",
+                                                       f"tokenizer.path={t / 'new-tokenizer'}"], "resume: .."),
 ]
 
 

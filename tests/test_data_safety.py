@@ -149,3 +149,23 @@ def test_a_missing_latest_pointer_resumes_from_the_newest_complete_step(tiny_cha
              if '"split": "train"' in line]
     assert steps == sorted(set(steps)) and max(steps) == 6
 
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("prompts.txt", b"fine\n\xff\xfe not utf-8\n", "prompts.txt:2: not UTF-8 text"),
+    ("prompts.jsonl", b'{"prompt": "a"}\n{"prompt": 3}\n', 'prompts.jsonl:2: expected a JSON object with a "prompt"'),
+    ("prompts.jsonl", b'{"prompt": "a"}\n' + b"[" * 100_000 + b"\n", "prompts.jsonl:2"),
+    ("prompts.jsonl", b'{"prompt": "a"}\n\xff\n', "prompts.jsonl:2"),
+])
+def test_sample_prompt_files_fail_with_file_and_line(tmp_path, name, content, message):
+    """The probe's non-UTF-8 prompt_file and pathological JSON: one line naming file:line, no traceback."""
+    from omegaconf import OmegaConf
+
+    from palmrl.errors import UserError
+    from palmrl.stages.sample import read_prompts
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        read_prompts(OmegaConf.create({"prompt": None, "prompt_file": str(path)}))

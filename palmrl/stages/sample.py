@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from palmrl import checkpoint
 from palmrl.errors import UserError
 from palmrl.generate import generate_responses, model_device, seeded_generator
-from palmrl.io import check_output_file, write_atomic
+from palmrl.io import check_output_file, read_jsonl, write_atomic
 from palmrl.model.registry import config_from_dict
 from palmrl.runtime import inference_placement, seed_everything
 
@@ -29,19 +29,20 @@ def read_prompts(cfg: DictConfig) -> list[str]:
         return [str(cfg.prompt)]
     if cfg.prompt_file is not None:
         path = Path(str(cfg.prompt_file))
-        if not path.is_file():
-            raise UserError(f"prompt_file: no such file: {path}")
-        lines = path.read_text().splitlines()
-        if path.suffix == ".jsonl":
+        if path.suffix == ".jsonl":  # io's reader: file:line for bad JSON, non-objects, deep nesting, bad bytes
             prompts = []
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    prompts.append(str(json.loads(line)["prompt"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+            for number, record in read_jsonl(path, key="prompt_file"):
+                if not isinstance(record.get("prompt"), str):
+                    raise UserError(f"{path}:{number}: expected a JSON object with a \"prompt\" string")
+                prompts.append(record["prompt"])
         else:
+            if not path.is_file():
+                raise UserError(f"prompt_file: no such file: {path}")
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as err:
+                line = path.read_bytes()[:err.start].count(b"\n") + 1
+                raise UserError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x})") from None
             prompts = [line for line in lines if line.strip()]
     elif not sys.stdin.isatty():
         prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
@@ -68,20 +69,21 @@ def decode_response(tokenizer, ids: list[int]) -> tuple[str, bool]:
 
 def run(cfg: DictConfig) -> Path | None:
     seed_everything(int(cfg.seed))
-    check_output(cfg)
-    ckpt = checkpoint.load(cfg.ckpt, key="ckpt", trust_remote_code=bool(cfg.trust_remote_code))
-    tokenizer = ckpt.tokenizer()
-    device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
-    model = checkpoint.model_from_checkpoint(ckpt).to(device=device, dtype=dtype)
-    chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
+    # the cheap checks first: settings, the output file, the prompts; then the checkpoint and the model
     if cfg.best_of_n and not cfg.reward:
         raise UserError("best_of_n=true needs reward=<a reward checkpoint> to pick the best sample")
-    prompts = read_prompts(cfg)
     n = int(cfg.num_samples)
     if n <= 0:
         raise UserError(f"num_samples must be positive, got {n}")
     if int(cfg.max_new_tokens) <= 0:
         raise UserError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
+    check_output(cfg)
+    prompts = read_prompts(cfg)
+    ckpt = checkpoint.load(cfg.ckpt, key="ckpt", trust_remote_code=bool(cfg.trust_remote_code))
+    tokenizer = ckpt.tokenizer()
+    device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
+    model = checkpoint.model_from_checkpoint(ckpt).to(device=device, dtype=dtype)
+    chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
 
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
     responses = generate_responses(model, [encode_prompt(tokenizer, p, chat) for _, p in jobs], batch_size=BATCH,
