@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from torch import nn
 
 from palmrl import checkpoint
@@ -375,6 +376,9 @@ class Trainer:
         except RuntimeError as err:  # torch.save reports a failed write (disk full) as RuntimeError
             if not any(sign in str(err) for sign in ("writ", "inline_container", "StreamWriter")):
                 raise
+            raise UserError(f"checkpoint: could not write step {self.step} to {self.out_dir}: "
+                            f"{str(err).splitlines()[0]}; {self.last_good()}") from None
+        except SafetensorError as err:  # safetensors reports its failed writes (ENOSPC) as its own error
             raise UserError(f"checkpoint: could not write step {self.step} to {self.out_dir}: "
                             f"{str(err).splitlines()[0]}; {self.last_good()}") from None
         barrier()

@@ -169,3 +169,20 @@ def test_sample_prompt_files_fail_with_file_and_line(tmp_path, name, content, me
     path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         read_prompts(OmegaConf.create({"prompt": None, "prompt_file": str(path)}))
+
+
+@pytest.mark.integration
+def test_a_full_disk_inside_the_safetensors_write_is_one_line(tiny_chain, tmp_path, dist_env, monkeypatch):
+    """ENOSPC while safetensors writes the consolidated weights surfaces as SafetensorError (not
+    OSError): it must end as the one-line checkpoint error naming the step, not a traceback."""
+    from safetensors import SafetensorError
+
+    from palmrl import checkpoint
+    from palmrl.errors import UserError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(UserError, match="could not write step 2 .*StorageFull.*no checkpoint was written yet"):
+        run_stage("pretrain", [*stage_args("pretrain", tiny_chain), f"out_dir={tmp_path / 'full'}"])
