@@ -142,3 +142,21 @@ def test_model_loss_through_targets_equals_logits_then_cross_entropy():
     finally:
         loss_module.CHUNK_ELEMENTS = before
     assert_same((loss.detach(), {n: p.grad for n, p in model.named_parameters()}), plain)
+
+
+def test_a_model_built_partitioned_under_zero_init_has_the_same_weights(dist_env):
+    """ZeRO-3's zero.Init partitions every parameter as its module is built; PaLM's own init then
+    gathers each one: the weights equal those of the same model built whole from the same seed."""
+    import deepspeed
+
+    config = dict(vocab_size=96, dim=32, depth=3, heads=4, dim_head=8, kv_heads=1, max_seq_len=64)
+    torch.manual_seed(0)
+    whole = PaLM(ModelConfig(**config))
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+        partitioned = PaLM(ModelConfig(**config))
+    params = list(partitioned.parameters())
+    assert all(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params):
+        for (name, a), b in zip(whole.named_parameters(), params, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -32,6 +32,7 @@ that no longer grows with depth.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Mapping
@@ -304,6 +305,16 @@ def attend_bmm(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_tokens: int) -
 # the model
 
 
+def _whole(param: nn.Parameter):
+    """The full tensor of a ZeRO-3-partitioned parameter while inside (rank 0's changes kept), else
+    nothing to do."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+
 class PaLM(nn.Module):
     """PaLM decoder (https://arxiv.org/abs/2204.02311): embedding, parallel blocks, tied output."""
 
@@ -320,14 +331,20 @@ class PaLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) embeddings and projections; residual outputs scaled by 1/sqrt(2*depth)."""
+        """Normal(0, init_std) embeddings and projections; residual outputs scaled by 1/sqrt(2*depth).
+
+        Built under DeepSpeed's `zero.Init` (ZeRO-3: each rank holds only its shard from the start) a
+        parameter is gathered for its init and re-partitioned, rank 0's values kept: the same
+        weights, drawn in the same order, as a model built whole."""
         std = self.config.init_std
-        nn.init.normal_(self.token_emb.weight, std=std)
+        residual = std / math.sqrt(2 * self.config.depth)  # GPT-2's scaling keeps the residual stream flat
+        inits = [(self.token_emb.weight, std)]
         for block in self.layers:
-            nn.init.normal_(block.fused_proj.weight, std=std)
-            # GPT-2's residual scaling keeps the residual stream's variance flat with depth
-            nn.init.normal_(block.attn_out.weight, std=std / math.sqrt(2 * self.config.depth))
-            nn.init.normal_(block.ff_out.weight, std=std / math.sqrt(2 * self.config.depth))
+            inits += [(block.fused_proj.weight, std), (block.attn_out.weight, residual),
+                      (block.ff_out.weight, residual)]
+        for param, scale in inits:
+            with _whole(param):
+                nn.init.normal_(param, std=scale)
 
     def num_params(self) -> int:
         """Number of parameters; the tied output projection is counted once (with the embedding)."""

@@ -7,10 +7,12 @@ unigram model fitted on the training tokens: the baseline any language model mus
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -19,7 +21,7 @@ from palmrl import checkpoint
 from palmrl.config import Invalid, typed
 from palmrl.data.sources import load_texts, source_fingerprint
 from palmrl.data.tokens import TokenBatches, build_token_shards
-from palmrl.engine import Trainer
+from palmrl.engine import Trainer, ds_config
 from palmrl.errors import UserError
 from palmrl.model.palm import ModelConfig, PaLM
 from palmrl.model.registry import check_vocab
@@ -99,7 +101,12 @@ class PretrainRecipe:
 
     def build_model(self) -> None:
         cfg, dist = self.cfg, self.dist
-        model = PaLM(self.model_config)
+        # ZeRO-3 on several ranks: build the model partitioned (zero.Init), so no rank ever holds all
+        # of it in fp32; a model continued from init_from is built whole to load its weights
+        partitioned = int(cfg.zero.stage) == 3 and dist.world_size > 1 and self.parent is None
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, dist.world_size)) if partitioned \
+                else contextlib.nullcontext():
+            model = PaLM(self.model_config)
         if self.parent is not None:
             checkpoint.load_trunk_weights(model, self.parent.weights(), where=str(self.parent.path))
         micro, accum = int(cfg.train.micro_batch_size), int(cfg.train.grad_accum)
