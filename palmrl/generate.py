@@ -57,7 +57,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A seeded generator on `device`, where the sampling runs: torch.multinomial on CUDA refuses a CPU
-    generator. On the CPU its stream is torch.Generator()'s, so CPU runs keep their samples."""
+    generator. On the CPU its stream is that of a default CPU generator, so CPU runs keep their samples."""
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 

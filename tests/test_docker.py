@@ -24,15 +24,15 @@ def test_dockerfile_lints_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def tested_versions() -> dict[str, str]:
+def pinned_versions() -> dict[str, str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["palmrl"]["tested"]
 
 
-def test_dockerfile_pins_the_tested_versions():
+def test_dockerfile_pins_the_pinned_versions():
     """The image installs exactly the torch, DeepSpeed and transformers versions CI tests."""
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     pins = dict(re.findall(r"^ARG (TORCH|DEEPSPEED|TRANSFORMERS)_VERSION=(\S+)$", dockerfile, flags=re.M))
-    assert pins == {name.upper(): version for name, version in tested_versions().items()}
+    assert pins == {name.upper(): version for name, version in pinned_versions().items()}
     assert '"torch==${TORCH_VERSION}"' in dockerfile and '"deepspeed==${DEEPSPEED_VERSION}"' in dockerfile
     assert "-e ." in dockerfile and "palmrl --help" in dockerfile
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -40,11 +40,11 @@ def test_dockerfile_pins_the_tested_versions():
         assert any(d.startswith(name) for d in deps), f"{name} is a dependency the image pins"
 
 
-def test_this_environment_runs_the_tested_versions():
+def test_this_environment_runs_the_pinned_versions():
     """`make install` holds DeepSpeed and transformers to the tested pins (torch: TORCH_SPEC)."""
     from importlib.metadata import version
 
-    tested = tested_versions()
+    tested = pinned_versions()
     for name in ("deepspeed", "transformers"):
         assert version(name) == tested[name], f"{name} {version(name)} installed, {tested[name]} tested"
     assert version("torch").split("+")[0] == tested["torch"] or "TORCH_SPEC" in __import__("os").environ
