@@ -28,7 +28,7 @@ def pinned_versions() -> dict[str, str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["palmrl"]["tested"]
 
 
-def test_dockerfile_pins_the_pinned_versions():
+def test_dockerfile_pins_the_tested_versions():
     """The image installs exactly the torch, DeepSpeed and transformers versions CI tests."""
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     pins = dict(re.findall(r"^ARG (TORCH|DEEPSPEED|TRANSFORMERS)_VERSION=(\S+)$", dockerfile, flags=re.M))
@@ -40,7 +40,7 @@ def test_dockerfile_pins_the_pinned_versions():
         assert any(d.startswith(name) for d in deps), f"{name} is a dependency the image pins"
 
 
-def test_this_environment_runs_the_pinned_versions():
+def test_this_environment_runs_the_tested_versions():
     """`make install` holds DeepSpeed and transformers to the tested pins (torch: TORCH_SPEC)."""
     from importlib.metadata import version
 
