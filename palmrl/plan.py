@@ -21,8 +21,8 @@ Per GPU, in bytes:
   gradients of the hidden states and of the output weight.
 
 A fixed allowance covers the CUDA context and allocator slack. Comparisons: tests/test_plan.py
-checks the model states against DeepSpeed's estimators and the total against the peak memory of a
-CPU run.
+checks the model states against DeepSpeed's estimators; scripts/bench_plan_memory.py checks the
+totals against the peak memory of real CPU runs.
 """
 
 from __future__ import annotations
