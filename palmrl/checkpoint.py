@@ -131,6 +131,29 @@ class Checkpoint:
                 "sha256": self.content_hash}
 
 
+# the manifest keys loading reads, and the types they must have (anything else is carried, not read)
+MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "step": (int,), "files": (dict,), "tokenizer_sha256": (str,), "parent": (dict, type(None)),
+    "lora": (dict, type(None)), "metrics": (dict,), "config": (dict,), "reward": (dict, type(None)),
+}
+
+
+def _check_manifest(manifest: dict, where: str) -> None:
+    """Wrong types in a manifest are one line naming the key, not an AttributeError deep in a loader."""
+    for name, types in MANIFEST_TYPES.items():
+        if name in manifest and (not isinstance(manifest[name], types) or isinstance(manifest[name], bool)):
+            raise UserError(f"{where}: '{name}' has the wrong type ({type(manifest[name]).__name__})")
+    if not isinstance(manifest.get("files"), dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+        raise UserError(f"{where} has no 'files' table of sha256 digests")
+    lora = manifest.get("lora") or {}
+    scopes = lora.get("scopes", {})
+    if not isinstance(scopes, dict) or not all(
+            isinstance(spec, dict) and isinstance(spec.get("rank"), int) and isinstance(spec.get("alpha"), (int, float))
+            and isinstance(spec.get("targets"), list) for spec in scopes.values()):
+        raise UserError(f"{where}: 'lora.scopes' is not a table of rank/alpha/targets per scope")
+
+
 def load(path: str | os.PathLike, *, key: str = "ckpt", stages: Iterable[str] | None = None,
          trust_remote_code: bool = False) -> Checkpoint:
     """Open a checkpoint folder: its manifest read, model.yaml verified against the manifest.
@@ -148,8 +171,7 @@ def load(path: str | os.PathLike, *, key: str = "ckpt", stages: Iterable[str] | 
         raise UserError(f"{key}: {folder} is a {manifest['stage']} checkpoint; expected {' or '.join(allowed)}")
     if not (folder / MODEL_YAML).is_file():
         raise UserError(f"{key}: {folder} has no {MODEL_YAML}")
-    if not isinstance(manifest.get("files"), dict):
-        raise UserError(f"{key}: {folder / MANIFEST} has no 'files' table of sha256 digests")
+    _check_manifest(manifest, f"{key}: {folder / MANIFEST}")
     ckpt = Checkpoint(folder, manifest, trust_remote_code=bool(trust_remote_code))
     _ = ckpt.model_config  # verified and parsed before anything obeys it
     return ckpt

@@ -67,3 +67,51 @@ def test_any_override_value_is_accepted_or_one_line_exit_2(data, monkeypatch, ca
     assert code in (0, 2), (stage, key, value, code, err[-1500:])
     if code == 2:
         assert len(errors) == 1 and "Traceback" not in err, (stage, key, value, err[-1500:])
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                        max_size=3), max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    from test_serve import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("fuzz-ckpt"))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(["manifest", "model.yaml"]), key=st.text(min_size=1, max_size=12) | st.sampled_from(
+    ["stage", "files", "tokenizer_sha256", "lora", "parent", "step", "dim", "depth", "vocab_size", "heads",
+     "family", "hf_config", "source"]), value=JSON_VALUES)
+def test_mutated_checkpoint_metadata_loads_or_is_one_user_error(pristine, tmp_path_factory, where, key, value):
+    """Any field of manifest.json or model.yaml replaced by any JSON value (hashes made to agree, as an
+    attacker would): loading the checkpoint and building its model either works or raises UserError."""
+    import hashlib
+    import json
+    import shutil
+
+    import yaml
+
+    from palmrl import checkpoint
+    from palmrl.errors import UserError
+
+    folder = tmp_path_factory.mktemp("mutant") / "final"
+    shutil.copytree(pristine, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if where == "manifest":
+        manifest[key] = value
+    else:
+        config = yaml.safe_load((folder / "model.yaml").read_text())
+        config[key] = value
+        text = yaml.safe_dump(config)
+        (folder / "model.yaml").write_text(text)
+        manifest["files"]["model.yaml"] = hashlib.sha256(text.encode()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        ckpt = checkpoint.load(folder)
+        ckpt.tokenizer()
+        checkpoint.model_from_checkpoint(ckpt)
+    except UserError:
+        pass
