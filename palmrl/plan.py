@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from palmrl import checkpoint
 from palmrl.config import check_training_config
 from palmrl.errors import UserError
 from palmrl.model.lora import LoRAConfig
@@ -195,12 +194,7 @@ def model_config_for(cfg: DictConfig, stage: str) -> ModelConfig:
     path = cfg.get(key)
     if not path:
         raise UserError(f"plan: {stage} takes its model from {key}=<checkpoint>; give one to plan for")
-    folder = Path(str(path))
-    candidates = [folder / "model.yaml", folder / "final" / "model.yaml"]
-    found = next((c for c in candidates if c.is_file()), None)
-    if found is None:
-        raise UserError(f"{key}: no model.yaml in {folder} (or its final/)")
-    data = yaml.safe_load(found.read_text())
+    data = checkpoint.load(str(path), key=key).model_config  # the loader's resolution and hash check
     if data.get("family") == "hf":
         raise UserError("plan: Hugging Face models are not modelled yet; plan covers PaLM models")
     return ModelConfig.from_dict(data)

@@ -54,7 +54,6 @@ def test_parameter_count_is_the_models(model):
 
 
 def test_fine_tunes_plan_the_parent_checkpoints_model_and_lora_trains_only_adapters(tmp_path):
-    import yaml
     from omegaconf import OmegaConf
 
     from palmrl.errors import UserError
@@ -62,10 +61,16 @@ def test_fine_tunes_plan_the_parent_checkpoints_model_and_lora_trains_only_adapt
 
     with pytest.raises(UserError, match="init_from"):
         make_plan(compose("sft"), "sft")
-    parent = tmp_path / "sft" / "final"
-    parent.mkdir(parents=True)
-    model = OmegaConf.to_container(compose("pretrain", ["model=palm_small"]).model)
-    (parent / "model.yaml").write_text(yaml.safe_dump(model))
+    from palmrl import checkpoint
+    from palmrl.model.palm import ModelConfig, PaLM
+    from palmrl.tokenizer import byte_tokenizer
+
+    config = ModelConfig.from_dict(OmegaConf.to_container(compose("pretrain", ["model=palm_small"]).model))
+    with torch.device("meta"):
+        shapes = PaLM(config)
+    parent = checkpoint.save(tmp_path / "sft" / "final", stage="sft", step=0, model_config=config.to_dict(),
+                             tokenizer=byte_tokenizer(), config={},
+                             weights={k: torch.zeros(1) for k, _ in shapes.named_parameters()})  # plan reads no weights
     full = make_plan(compose("sft", [f"init_from={parent.parent}", "lora=none"]), "sft")
     lora = make_plan(compose("sft", [f"init_from={parent.parent}", "lora=r16"]), "sft")
     assert full.trainable == full.params and 0 < lora.trainable < full.params / 10
