@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +303,9 @@ def _source_weights_sha256(folder: Path) -> str:
     return sha256_files(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_source(model_cfg: Mapping) -> tuple[HFCausalLM, HFTokenizer]:
     """`model=hf`: the causal LM and tokenizer at model.path (a local folder, or a hub name when the
     hub is reachable), in fp32. Remote code runs only with model.trust_remote_code=true."""
@@ -338,11 +343,19 @@ def load_source(model_cfg: Mapping) -> tuple[HFCausalLM, HFTokenizer]:
     if type(hf_config) not in causal and not trust:
         raise UserError(f"model.path: {where} is a {hf_config.model_type!r} model, not a causal LM "
                         f"(AutoModelForCausalLM cannot load it)")
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would make an empty tokenizer of the model's type and carry on
+        raise UserError(f"model.path: {local} has no tokenizer ({' / '.join(TOKENIZER_FILES[:2])}); save the "
+                        f"model's tokenizer into it: AutoTokenizer.from_pretrained(...).save_pretrained('{local}')")
     tokenizer = HFTokenizer.load(where, trust_remote_code=trust, revision=revision)
-    with quiet_transformers():
-        try:
+    with quiet_transformers(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:  # safetensors, or a pytorch_model.bin through torch's weights-only unpickler: no code runs
             model = tf.AutoModelForCausalLM.from_pretrained(where, revision=revision, trust_remote_code=trust,
-                                                            dtype=torch.float32)
+                                                            dtype=torch.float32, weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"model.path: {where}: its pytorch_model.bin holds more than tensors (a pickle that "
+                            f"would run code); palmrl refused it") from None
         except (OSError, ValueError) as err:
             raise UserError(f"model.path: could not load {where} ({str(err).splitlines()[0][:160]})") from None
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,6 +93,10 @@ def _hydra_error_line(err: BaseException) -> str:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         if lines:
             line = lines[0]
+            options = re.search(r"Available options in '([^']+)':\n((?:\t.*\n?)+)", str(exc))
+            if options:  # Hydra lists a group's choices on the lines that follow; keep them on this one
+                choices = ", ".join(o.strip() for o in options.group(2).splitlines() if o.strip())
+                line += f"; {options.group(1)}= takes one of: {choices}"
             if line.startswith("Could not override") and any("is not in struct" in str(e) for e in chain):
                 line += (" No such key in this stage's config (check the spelling; `palmrl <stage> --cfg job` "
                          "lists the keys).")

@@ -60,6 +60,41 @@ def read_jsonl(path: Path, *, key: str, torn_tail: Literal["drop", "error"] = "e
     return rows
 
 
+MAX_JSON_DEPTH = 500  # deeper than any record palmrl reads; far below what crashes a C parser
+
+
+def check_json_depth(path: Path, *, limit: int = MAX_JSON_DEPTH, chunk: int = 1 << 24) -> None:
+    """Refuse a JSON / JSON-lines file nested more than `limit` deep, naming the line, before a C
+    parser sees it (pyarrow's JSON reader, behind `datasets`, overflows its stack and kills the
+    process at depth ~100,000). The scan counts brackets in blocks with numpy: it ignores strings,
+    so it can only overcount; only a file over the limit is then parsed line by line to be sure."""
+    import numpy as np
+
+    depth, deepest = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            codes = np.frombuffer(block, dtype=np.uint8)
+            step = (np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+                    - np.isin(codes, (ord("]"), ord("}"))).astype(np.int64))
+            running = depth + np.cumsum(step)
+            if running.size:
+                deepest, depth = max(deepest, int(running.max())), int(running[-1])
+            if deepest > limit:
+                break
+    if deepest <= limit:
+        return
+    data = Path(path).read_bytes()
+    documents = [data] if data.lstrip().startswith(b"[") else data.split(b"\n")
+    for number, raw in enumerate(documents, start=1):
+        try:
+            json.loads(raw)
+        except RecursionError:
+            where = f"{path}:{number}" if len(documents) > 1 else str(path)
+            raise UserError(f"{where}: JSON nested too deeply") from None
+        except ValueError:
+            continue  # malformed lines are the reader's to report, with their own message
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -210,6 +210,7 @@ def test_bad_input_is_one_line_exit_2(build, culprit, tiny_chain, tmp_path, monk
     (["sample", "ckpt=/no/such/ckpt", "prompt=x"], "/no/such/ckpt"),
     (["nosuchstage"], "nosuchstage"),
     (["pretrain", "zero=null"], "Config group override"),  # Hydra's bare ValueError (the probe's case)
+    (["sft", "model=palm_x"], "model= takes one of: hf, palm_125m, palm_1b"),  # Hydra's choices, one line
 ])
 def test_bad_input_through_the_real_command(argv, culprit, tmp_path):
     proc = palmrl_cli(*argv, cwd=tmp_path)
@@ -256,3 +257,17 @@ def test_preference_reader_fails_only_with_a_user_error(tmp_path_factory, lines)
         assert "\n" not in str(err) and str(path) in str(err), str(err)
     else:
         assert all(isinstance(p.chosen, str) and isinstance(p.rejected, str) for p in pairs)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["instructions", "preferences"])
+def test_json_nested_too_deeply_names_its_line(tmp_path, kind):
+    from palmrl.data.instructions import load_instruction_records
+    from palmrl.data.preferences import load_preference_pairs
+
+    path = tmp_path / "data.jsonl"
+    good = {"instructions": '{"instruction": "a", "output": "b"}', "preferences": '{"prompt": "a", "chosen": "b", "rejected": "c"}'}
+    path.write_text(good[kind] + '\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    load = load_instruction_records if kind == "instructions" else load_preference_pairs
+    with pytest.raises(UserError, match=rf"^{path}:2: JSON nested too deeply$"):
+        load({"source": "local", "path": str(path), "val_fraction": 0.0}, "train")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -209,6 +210,33 @@ def test_hf_bad_input(tmp_path, dist_env):
 
     with pytest.raises(UserError, match="model.path"):
         run_stage("sft", ["model=hf", f"out_dir={tmp_path / 'd'}"])
+
+    from safetensors.torch import load_file
+
+    from palmrl.checkpoint import load_source
+
+    no_tokenizer = tmp_path / "no-tokenizer"  # transformers would build an empty tokenizer and carry on
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)).save_pretrained(no_tokenizer)
+    with pytest.raises(UserError, match=r"has no tokenizer \(tokenizer.json"):
+        load_source({"path": str(no_tokenizer)})
+
+    pickled = tmp_path / "bin-only"  # an older save: pytorch_model.bin, read by torch's weights-only unpickler
+    shutil.copytree(mismatch, pickled)
+    state = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    model, _ = load_source({"path": str(pickled)})
+    assert torch.equal(model.hf.transformer.wte.weight, state["transformer.wte.weight"])
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    with open(pickled / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": Planted()}, f)
+    with pytest.raises(UserError, match="pytorch_model.bin holds more than tensors"):
+        load_source({"path": str(pickled)})
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.multiproc

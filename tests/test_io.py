@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from palmrl.errors import UserError
@@ -56,3 +58,16 @@ def test_write_atomic_and_hashes(tmp_path):
     other = tmp_path / "other"
     other.write_text("x")
     assert sha256_files([target]) == sha256_file(target) != sha256_files([target, other])
+
+
+@pytest.mark.unit
+def test_json_depth_guard_counts_only_real_nesting(tmp_path):
+    from palmrl.io import check_json_depth
+
+    brackets = tmp_path / "brackets.jsonl"  # brackets inside strings overcount in the scan; the parse clears them
+    brackets.write_text(json.dumps({"text": "[" * 5000}) + "\n")
+    check_json_depth(brackets)
+    deep = tmp_path / "deep.json"  # one document: no line to name, the file is named
+    deep.write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+    with pytest.raises(UserError, match=rf"^{deep}: JSON nested too deeply$"):
+        check_json_depth(deep)

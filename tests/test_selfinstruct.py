@@ -141,6 +141,16 @@ def test_resume_keeps_earlier_records_and_adds_no_duplicates(tmp_path, ckpt):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("text", ['[\n  {"instruction": "a", "output": "b"}\n]', 'my notes\nno newline at the end'])
+def test_an_out_file_that_is_not_json_lines_is_refused_untouched(tmp_path, text):
+    out = tmp_path / "tasks.json"  # the probe: a pretty-printed .json lost its closing "]"
+    out.write_text(text)
+    with pytest.raises(UserError, match=r"tasks.json:1: not valid JSON"):
+        read_kept(out)
+    assert out.read_text() == text
+
+
+@pytest.mark.unit
 def test_give_up_when_nothing_passes(tmp_path, ckpt):
     report_file = tmp_path / "instructions.report.json"
     run_stage("selfinstruct", [f"generator.ckpt={ckpt}", f"out_dir={tmp_path}", "target=5", "give_up_after=2",

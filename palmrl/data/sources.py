@@ -34,6 +34,7 @@ import datasets
 
 from palmrl.data import embedded
 from palmrl.errors import UserError
+from palmrl.io import check_json_depth
 
 # the json builder logs "Failed to load JSON ..." before raising; we raise a better error instead
 logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
@@ -175,6 +176,8 @@ def _local_records(paths: list[Path], streaming: bool, sample_by: str) -> Iterat
         if path.stat().st_size == 0:
             continue  # `datasets` fails on an empty file instead of reading no records
         builder = FORMATS[path.suffix]
+        if builder == "json":
+            check_json_depth(path)
         options = {"sample_by": sample_by} if builder == "text" else {}
         try:
             with _quiet_datasets():
@@ -183,7 +186,7 @@ def _local_records(paths: list[Path], streaming: bool, sample_by: str) -> Iterat
                 )
             for record in table:  # streaming reads (and fails) here, not in load_dataset
                 yield str(path), record
-        except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
+        except (datasets.exceptions.DatasetGenerationError, ValueError, RecursionError) as exc:
             if builder != "parquet":
                 check_utf8(path)
             bad_line = find_malformed_json(path) if builder == "json" else None
@@ -239,6 +242,8 @@ def find_malformed_json(path: Path) -> str | None:
             rows = [(None, row) for row in json.loads(text)]
         except json.JSONDecodeError as exc:
             return f"{path}:{exc.lineno}: malformed JSON ({exc.msg})"
+        except RecursionError:
+            return f"{path}: JSON nested too deeply"
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -247,6 +252,8 @@ def find_malformed_json(path: Path) -> str | None:
                     rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     return f"{path}:{number}: malformed JSON line ({exc.msg})"
+                except RecursionError:
+                    return f"{path}:{number}: JSON nested too deeply"
     first_seen: dict[str, tuple[str, Any]] = {}
     for index, (number, row) in enumerate(rows):
         where = f"{path}:{number}" if number is not None else f"{path}: record #{index}"

@@ -64,9 +64,18 @@ def load_seeds(path: str | os.PathLike | None) -> list[dict]:
 
 
 def read_kept(path: Path) -> list[dict]:
-    """Records a previous run kept in `path`; a torn last line (crash mid-write) is cut off."""
+    """Records a previous run kept in `path`; a torn last line (crash mid-write) is cut off, but only
+    once every line before it has been read as a record: a file that is not palmrl's JSON lines (a
+    pretty-printed .json, someone's notes) is refused untouched."""
     if not path.is_file():
         return []
+    kept = []
+    for number, obj in read_jsonl(path, key="out", torn_tail="drop"):
+        if not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("output"), str):
+            raise UserError(f"{path}:{number}: not a self-instruct record (no instruction/output); "
+                            f"choose another out= or set overwrite=true")
+        obj.setdefault("id", f"gen-{len(kept):06d}")  # in memory only: records from elsewhere may lack one
+        kept.append(obj)
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
@@ -78,13 +87,6 @@ def read_kept(path: Path) -> list[dict]:
             with open(path, "r+b") as f:
                 f.truncate(cut)
             print(f"palmrl selfinstruct: cut a half-written last line off {path}", flush=True)
-    kept = []
-    for number, obj in read_jsonl(path, key="out"):
-        if not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("output"), str):
-            raise UserError(f"{path}:{number}: not a self-instruct record (no instruction/output); "
-                            f"choose another out= or set overwrite=true")
-        obj.setdefault("id", f"gen-{len(kept):06d}")  # in memory only: records from elsewhere may lack one
-        kept.append(obj)
     return kept
 
 
