@@ -303,6 +303,13 @@ def _source_weights_sha256(folder: Path) -> str:
     return sha256_files(sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")))
 
 
+def export_split(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Gathered module state → (model.safetensors tensors, adapters.safetensors tensors)."""
+    weights = {k: v for k, v in state.items() if "lora_" not in k}
+    adapters = {k: v for k, v in state.items() if "lora_" in k}
+    return weights, adapters
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

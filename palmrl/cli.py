@@ -25,6 +25,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("palmrl.stages.sft", "supervised fine-tuning on instructions (LoRA or full), scored by the task checker"),
     "reward": ("palmrl.stages.reward", "train a reward model on preference pairs (Bradley-Terry) or ratings (binned)"),
     "ppo": ("palmrl.stages.ppo", "RLHF with PPO: KL to the SFT reference, GAE, clipped losses, adaptive KL"),
+    "grpo": ("palmrl.stages.grpo", "RLHF with GRPO: group-relative advantages, no critic, KL in the loss (+ Dr. GRPO)"),
+    "dpo": ("palmrl.stages.dpo", "direct preference optimisation on preference pairs (DPO, IPO, SimPO)"),
     "sample": ("palmrl.stages.sample", "generate from any checkpoint (best-of-n with a reward model)"),
     "export": ("palmrl.stages.export", "write a policy started from a Hugging Face model as a standard HF folder"),
     "pipeline": ("palmrl.stages.pipeline", "tokenizer → pretrain → sft → reward → ppo → report, chained by path"),

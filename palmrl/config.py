@@ -43,7 +43,8 @@ CONFIG_DIR = _config_dir()
 
 
 # the stages that build a model, in the order the pipeline chains them (a run folder holds any subset)
-CHAIN = ("tokenizer", "pretrain", "sft", "reward", "ppo")
+CHAIN = ("tokenizer", "pretrain", "sft", "reward", "ppo", "grpo", "dpo")
+RL_STAGES = ("ppo", "grpo", "dpo")  # what follows SFT (and the reward model): the pipeline's `rl=` choices
 
 
 # ---------------------------------------------------------------------------------------------

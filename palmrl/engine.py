@@ -39,7 +39,7 @@ from palmrl.config import check_training_config
 from palmrl.errors import Preempted, TrainingDiverged, UserError
 from palmrl.io import FolderLock, write_atomic
 from palmrl.model.registry import set_activation_checkpointing
-from palmrl.runtime import Dist, any_rank, barrier
+from palmrl.runtime import Dist, any_rank, barrier, stage_seconds
 from palmrl.tracking import Tracker
 
 DS_DIR = "deepspeed"
@@ -293,6 +293,10 @@ class Trainer:
         return 4 * self.total_params + 12 * self.train_params + 4 * self.total_params
 
     # ---- resume --------------------------------------------------------------------------
+    def will_resume(self) -> bool:
+        """Whether `fit` will load DeepSpeed state (resume= names a checkpoint that exists)."""
+        return self._resume_tag() is not None
+
     def _resume_tag(self) -> str | None:
         resume = self.cfg.resume
         if resume is None:
@@ -473,6 +477,7 @@ class Trainer:
                 eval_metrics = self.evaluate(eval_fn)
             self.final_metrics = dict(eval_metrics)
             self.hooks.before_final_save()
+            self.manifest_extra["wall_s"] = round(stage_seconds(), 1)  # this process's run, setup included
             final = self.save(final=True, metrics=self.final_metrics)
         self.tracker.finish({"final checkpoint": str(final), "steps": self.step,
                              "tokens seen": self.tokens_seen, **self.final_metrics})

@@ -54,13 +54,26 @@ def task_score(model, tokenizer, examples: Sequence[tasks.TaskExample], *, max_n
                      mean_length=sum(out.lengths) / n, samples=samples)
 
 
-def sampled_reward(model, tokenizer, examples: Sequence[tasks.TaskExample], *, samples: int = 2,
-                   temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0) -> float:
-    """The policy's expected true reward: mean checker score of `samples` samples per prompt.
+class Sampled(NamedTuple):
+    reward: float      # mean checker score of the samples: the expected true reward
+    behaviour: float   # share of the samples closing their answer with the courteous line (tasks.behaviour)
 
-    This is what PPO maximises (greedy accuracy only moves once the argmax flips), so it is the
+
+def sampled_scores(model, tokenizer, examples: Sequence[tasks.TaskExample], *, samples: int = 2,
+                   temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0) -> Sampled:
+    """The policy's expected true reward and behaviour rate over `samples` samples per prompt.
+
+    This is what RL maximises (greedy accuracy only moves once the argmax flips), so it is the
     number that says whether RL helped.
     """
     prompts = [ex.prompt for ex in examples for _ in range(samples)]
     out = respond(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    return sum(tasks.checker(prompts, out.texts)) / max(1, len(prompts))
+    n = max(1, len(prompts))
+    return Sampled(sum(tasks.checker(prompts, out.texts)) / n, sum(tasks.behaviour(prompts, out.texts)) / n)
+
+
+def sampled_reward(model, tokenizer, examples: Sequence[tasks.TaskExample], *, samples: int = 2,
+                   temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 0) -> float:
+    """The mean checker score of `samples` samples per prompt (`sampled_scores(...).reward`)."""
+    return sampled_scores(model, tokenizer, examples, samples=samples, temperature=temperature,
+                          max_new_tokens=max_new_tokens, seed=seed).reward

@@ -46,7 +46,7 @@ CUDA_OVERHEAD = 2 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: 
 # mapped: measured ~44 bytes per trained parameter of peak RSS with ZeRO-1 in fp32 where the GPU
 # accounting gives 24 (scripts/bench_plan_memory.py)
 CPU_EXTRA_PER_TRAINED_PARAM = 20
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo")
+TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def model_config_for(cfg: DictConfig, stage: str) -> ModelConfig:
     """The model a stage trains: `model=` for pretrain, the parent checkpoint's model.yaml otherwise."""
     if stage == "pretrain":
         return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    key = {"sft": "init_from", "reward": "init_from", "ppo": "policy"}[stage]
+    key = {"sft": "init_from", "reward": "init_from", "ppo": "policy", "grpo": "policy", "dpo": "policy"}[stage]
     model_cfg = cfg.get("model")
     if model_cfg is not None and model_cfg.get("family") == "hf":
         raise UserError("plan: Hugging Face models (model=hf) are not modelled yet; plan covers PaLM models")
@@ -230,6 +230,11 @@ def make_plan(cfg: DictConfig, stage: str, *, cuda: bool = True) -> Plan:
     elif stage == "reward":
         seq, fused = int(cfg.train.max_len), False
         forwards = 1 if str(cfg.get("objective", "pairwise")) != "pairwise" else 2  # chosen and rejected
+    elif stage == "dpo":  # chosen and rejected in one forward; the reference's log-probs are cached, no copy
+        seq, fused, forwards = int(cfg.train.max_len), False, 2
+    elif stage == "grpo":  # as ppo with rloo: actor only; lora=none keeps a reference and a reward model copy
+        seq, fused, micro = model_config.max_seq_len, False, int(cfg.grpo.minibatch)
+        frozen_extra = params * (2 if rank == 0 else 0)
     else:  # ppo: minibatches of prompt + response (at most the context); actor and critic forwards
         seq, fused = model_config.max_seq_len, False
         micro = int(cfg.ppo.minibatch)

@@ -31,11 +31,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from palmrl.config import CHAIN
+from palmrl.config import CHAIN, RL_STAGES
 from palmrl.errors import UserError
 from palmrl.tracking import read_metrics
 
-PLOT_NAMES = ("pretrain.png", "sft.png", "reward.png", "ppo.png", "best_of_n.png")
+PLOT_NAMES = ("pretrain.png", "sft.png", "reward.png", "ppo.png", "grpo.png", "dpo.png", "rl.png", "best_of_n.png")
 PPO_TRAIN_KEYS = ("true_reward", "reward", "kl", "kl_coef", "entropy", "response_tokens", "eos_rate")
 
 
@@ -161,7 +161,7 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        val_loss=_number(val.get("loss")), margin=_number(val.get("margin")),
                        rating_mae=_number(val.get("rating_mae")), score_mean=_number(val.get("score_mean")),
                        score_std=_number(val.get("score_std")))
-        elif name == "ppo":
+        elif name in ("ppo", "grpo"):
             train = [m for m in stage.metrics if m.get("split") == "train"]
             # each rollout batch has other prompts, whose reward-model level varies a lot: compare
             # the means of the first and last few iterations, not two single batches
@@ -178,6 +178,17 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        sampled_reward=_number(val.get("sampled_reward")),
                        init_sampled_reward=_number(extra.get("init_sampled_reward")),
                        train_window=window, train_first=pick(train[:window]), train_last=pick(train[-window:]))
+        elif name == "dpo":
+            row.update(accuracy=_number(val.get("accuracy")), init_accuracy=_number(extra.get("init_accuracy")),
+                       sampled_reward=_number(val.get("sampled_reward")),
+                       init_sampled_reward=_number(extra.get("init_sampled_reward")),
+                       reward_accuracy=_number(val.get("reward_accuracy")),
+                       reward_margin=_number(val.get("reward_margin")), drift=_number(val.get("drift")),
+                       loss=(extra.get("dpo") or {}).get("loss"))
+        if name in RL_STAGES:
+            row.update(behaviour_rate=_number(val.get("behaviour_rate")),
+                       init_behaviour_rate=_number(extra.get("init_behaviour_rate")),
+                       wall_s=_number(extra.get("wall_s")))
         out[name] = row
     return out
 
@@ -222,22 +233,57 @@ def key_rows(summary: dict[str, dict]) -> list[tuple[str, str, str, str]]:
             rows.append(("reward", "margin r(chosen) - r(rejected)", _f(s["margin"]), "held-out mean"))
         else:
             rows.append(("reward", "rating MAE", _f(s["rating_mae"]), "held-out"))
-    s = summary.get("ppo")
-    if s:
+    for name in ("ppo", "grpo"):
+        s = summary.get(name)
+        if not s:
+            continue
         first, last, w = s["train_first"], s["train_last"], s.get("train_window", 1)
         span = "iteration" if w == 1 else f"{w} iterations"
+        before = f"before {name.upper()}"
         # the policy's expected true reward (fresh samples, fixed prompts): the number that says whether RL helped
-        for key, label, where in (("train_sampled_reward", "true reward, sampled (training prompts)", "before PPO"),
-                                  ("sampled_reward", "true reward, sampled (held-out)", "before PPO")):
+        for key, label in (("train_sampled_reward", "true reward, sampled (training prompts)"),
+                           ("sampled_reward", "true reward, sampled (held-out)"),
+                           ("behaviour_rate", "behaviour rate, sampled (held-out)")):
             if s.get(key) is not None:
-                rows.append(("ppo", label, _f(s[key]), f"{where} {_f(s.get('init_' + key))}"))
+                rows.append((name, label, _f(s[key]), f"{before} {_f(s.get('init_' + key))}"))
         for key, label in (("true_reward", "true reward (checker, rollouts)"), ("reward", "RM reward (rollouts)"),
                            ("kl", "KL to SFT (nats/seq)"), ("entropy", "entropy"),
                            ("response_tokens", "response tokens")):
             if key in last:
-                rows.append(("ppo", f"{label}, last {span}", _f(last[key]), f"first {span}: {_f(first.get(key))}"))
-        rows.append(("ppo", "checker accuracy (held-out)", _f(s["accuracy"]), f"before PPO {_f(s['init_accuracy'])}"))
-        rows.append(("ppo", "iterations", _f(s["iterations"]), ""))
+                rows.append((name, f"{label}, last {span}", _f(last[key]), f"first {span}: {_f(first.get(key))}"))
+        rows.append((name, "checker accuracy (held-out)", _f(s["accuracy"]), f"{before} {_f(s['init_accuracy'])}"))
+        rows.append((name, "iterations", _f(s["iterations"]), ""))
+    s = summary.get("dpo")
+    if s:
+        rows.append(("dpo", f"implicit reward accuracy (held-out pairs, {s.get('loss')})", _f(s["reward_accuracy"]),
+                     "chance 0.5"))
+        rows.append(("dpo", "drift from the reference (log-prob/reply)", _f(s["drift"]), "held-out pairs"))
+        for key, label in (("sampled_reward", "true reward, sampled (held-out)"),
+                           ("behaviour_rate", "behaviour rate, sampled (held-out)"),
+                           ("accuracy", "checker accuracy (held-out)")):
+            if s.get(key) is not None:
+                rows.append(("dpo", label, _f(s[key]), f"before DPO {_f(s.get('init_' + key))}"))
+    return rows
+
+
+RL_HEADER = ("stage", "behaviour rate (held-out)", "true reward (held-out)", "true reward (training prompts)",
+             "KL to SFT (nats/seq)", "wall time")
+
+
+def rl_rows(summary: dict[str, dict]) -> list[tuple[str, ...]]:
+    """The RL stages side by side, each "before → after" from the same SFT policy."""
+    def change(s: dict, key: str) -> str:
+        return f"{_f(s.get('init_' + key), 3)} → {_f(s.get(key), 3)}" if s.get(key) is not None else "—"
+
+    rows = []
+    for name in RL_STAGES:
+        s = summary.get(name)
+        if not s:
+            continue
+        kl = s.get("train_last", {}).get("kl") if name != "dpo" else s.get("drift")
+        rows.append((name, change(s, "behaviour_rate"), change(s, "sampled_reward"), change(s, "train_sampled_reward"),
+                     _f(kl, 3) + (" (drift)" if name == "dpo" and kl is not None else ""),
+                     f"{s['wall_s']:.0f} s" if s.get("wall_s") is not None else "—"))
     return rows
 
 
@@ -317,9 +363,9 @@ def evaluate_policies(stages: dict[str, StageRun],
 
     trust = settings.trust_remote_code
     notes: list[str] = []
-    policy_names = [n for n in ("sft", "ppo") if n in stages and stages[n].manifest is not None]
+    policy_names = [n for n in ("sft", *RL_STAGES) if n in stages and stages[n].manifest is not None]
     if not policy_names:
-        return None, [], ["no sft/ or ppo/ final checkpoint: no best-of-n, no samples"]
+        return None, [], ["no sft/ or RL (ppo/, grpo/, dpo/) final checkpoint: no best-of-n, no samples"]
     ckpts = {n: checkpoint.load(stages[n].folder, key=n, stages=[n], trust_remote_code=trust) for n in policy_names}
     final = policy_names[-1]
     tokenizer = ckpts[final].tokenizer()
@@ -448,8 +494,8 @@ def plot_reward(stage: StageRun, path: Path, chance: float) -> Path:
     return path
 
 
-def plot_ppo(stage: StageRun, path: Path) -> Path:
-    fig, axes = _figure(2, 3, "PPO: RLHF over iterations")
+def plot_ppo(stage: StageRun, path: Path, name: str = "PPO") -> Path:
+    fig, axes = _figure(2, 3, f"{name}: RLHF over iterations")
     m = stage.metrics
     panels = (("true_reward", "true reward (checker on rollouts)"), ("reward", "RM reward (rollouts)"),
               ("kl", "KL to the SFT reference (nats/seq)"), ("entropy", "entropy (nats/token)"),
@@ -463,7 +509,58 @@ def plot_ppo(stage: StageRun, path: Path) -> Path:
                                ("sampled_reward", "held-out, sampled", "s"), ("accuracy", "held-out, greedy", "^")):
         init = _number(manifest.get(f"init_{key}"))
         drew |= _line(ax, *_with_init(*series(m, "val", key), init), label, marker=marker)
-    _finish(ax, "true reward at evaluations (0 = before PPO)", "iteration", drew)
+    _finish(ax, f"true reward at evaluations (0 = before {name})", "iteration", drew)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_dpo(stage: StageRun, path: Path) -> Path:
+    fig, (loss, acc, task) = _figure(1, 3, "DPO: preference optimisation")
+    m = stage.metrics
+    drew = _line(loss, *series(m, "train", "loss"), "train", marker="")
+    drew |= _line(loss, *series(m, "val", "loss"), "held-out pairs", marker="o")
+    _finish(loss, "loss", "step", drew)
+    drew = _line(acc, *series(m, "train", "reward_accuracy"), "train", marker="")
+    drew |= _line(acc, *series(m, "val", "reward_accuracy"), "held-out pairs", marker="o")
+    acc.axhline(0.5, color="grey", linestyle="--", label="chance 0.5")
+    acc.set_ylim(-0.05, 1.05)
+    _finish(acc, "implicit reward accuracy", "step", True)
+    manifest, drew = stage.manifest or {}, False
+    for key, label, marker in (("sampled_reward", "true reward, sampled", "s"), ("accuracy", "greedy accuracy", "^"),
+                               ("behaviour_rate", "behaviour rate, sampled", "o")):
+        drew |= _line(task, *_with_init(*series(m, "val", key), _number(manifest.get(f"init_{key}"))), label,
+                      marker=marker)
+    task.set_ylim(-0.05, 1.05)
+    _finish(task, "held-out task prompts (0 = before DPO)", "step", drew)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_rl(stages: dict[str, StageRun], path: Path) -> Path:
+    """The RL stages on one page: held-out behaviour rate and true reward, training-prompt true reward,
+    KL, over the share of each stage's training done (0 = the SFT policy they all start from)."""
+    fig, axes = _figure(1, 4, "RL stages from the same SFT policy")
+    panels = (("behaviour_rate", "behaviour rate (held-out, sampled)"), ("sampled_reward", "true reward (held-out)"),
+              ("train_sampled_reward", "true reward (training prompts)"))
+    for ax, (key, title) in zip(axes, panels):
+        drew = False
+        for name in RL_STAGES:
+            if name not in stages:
+                continue
+            steps, values = series(stages[name].metrics, "val", key)
+            total = max(steps) if steps else 1
+            init = _number((stages[name].manifest or {}).get(f"init_{key}"))
+            steps, values = _with_init([s / total for s in steps], values, init)
+            drew |= _line(ax, steps, values, name)
+        ax.set_ylim(-0.05, 1.05)
+        _finish(ax, title, "share of training", drew)
+    ax, drew = axes[3], False
+    for name in ("ppo", "grpo"):
+        if name in stages:
+            steps, values = series(stages[name].metrics, "train", "kl")
+            total = max(steps) if steps else 1
+            drew |= _line(ax, [s / total for s in steps], values, name, marker="")
+    _finish(ax, "KL to SFT on rollouts (nats/seq)", "share of training", drew)
     fig.savefig(path, dpi=100)
     return path
 
@@ -499,8 +596,13 @@ def plot_all(stages: dict[str, StageRun], summary: dict, result: dict | None, ou
         plots.append(plot_sft(stages["sft"], out_dir / "sft.png"))
     if "reward" in stages:
         plots.append(plot_reward(stages["reward"], out_dir / "reward.png", summary["reward"]["chance"]))
-    if "ppo" in stages:
-        plots.append(plot_ppo(stages["ppo"], out_dir / "ppo.png"))
+    for name in ("ppo", "grpo"):
+        if name in stages:
+            plots.append(plot_ppo(stages[name], out_dir / f"{name}.png", name.upper()))
+    if "dpo" in stages:
+        plots.append(plot_dpo(stages["dpo"], out_dir / "dpo.png"))
+    if any(name in stages for name in RL_STAGES):
+        plots.append(plot_rl(stages, out_dir / "rl.png"))
     if result is not None:
         plots.append(plot_best_of_n(result, out_dir / "best_of_n.png"))
     return plots
@@ -524,7 +626,7 @@ BEST_OF_N_HEADER = ("n", "true reward of pick", "RM score of pick", "oracle (any
 
 
 def sample_rows(samples: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    policies = [n for n in ("sft", "ppo") if samples and n in samples[0]]
+    policies = [n for n in ("sft", *RL_STAGES) if samples and n in samples[0]]
     header = ["prompt", "expected", *(f"{p} (greedy)" for p in policies)]
     rows = [[s["prompt"], s["expected"], *(f"{s[p]['response']!r} [{s[p]['score']:.0f}]" for p in policies)]
             for s in samples]
@@ -536,6 +638,13 @@ def markdown(data: dict, plots: Sequence[Path], out_dir: Path) -> str:
              "Stages found: " + ", ".join(f"`{s}/`" for s in data["stages"]) + ".", "",
              "## Key metrics", "",
              *_md_table(("stage", "metric", "value", "compare with"), key_rows(data["stages"])), ""]
+    rl = rl_rows(data["stages"])
+    if rl:
+        lines += ["## RL stages side by side", "",
+                  "Each from the same SFT policy (before → after); the behaviour is closing the answer with "
+                  "\"Hope this helps!\" (`palmrl.tasks.behaviour`), the true reward is the task checker's, sampled.",
+                  "",
+                  *_md_table(RL_HEADER, rl), ""]
     result = data["best_of_n"]
     if result is not None:
         lines += ["## Best-of-n", "",
@@ -602,6 +711,14 @@ def print_report(data: dict, console=None) -> None:
     for row in key_rows(data["stages"]):
         table.add_row(*cells(row))
     console.print(table)
+    rl = rl_rows(data["stages"])
+    if rl:
+        table = Table(title="RL stages side by side (from the same SFT policy: before → after)", title_justify="left")
+        for column in RL_HEADER:
+            table.add_column(column)
+        for row in rl:
+            table.add_row(*cells(row))
+        console.print(table)
     if data["best_of_n"] is not None:
         result = data["best_of_n"]
         table = Table(title=f"best-of-n ({result['policy']} policy, {result['prompts']} held-out prompts)",

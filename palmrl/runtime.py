@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +183,17 @@ def _resolve_out_dir(stage: str, cfg: DictConfig) -> None:
             cfg.out_dir = str(out)
 
 
+_stage_started = [time.perf_counter()]
+
+
+def stage_seconds() -> float:
+    """Seconds since the running stage started (run_stage), setup included: the wall time a user waits."""
+    return time.perf_counter() - _stage_started[0]
+
+
 def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path], *, from_cli: bool = False) -> Path:
     """Resolve the config, check it, then hand it to the stage runner."""
+    _stage_started[0] = time.perf_counter()
     _resolve_out_dir(stage, cfg)
     try:
         OmegaConf.resolve(cfg)

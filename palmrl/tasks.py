@@ -14,6 +14,7 @@ Conventions:
   (10%) or test (10%), so a prompt never appears in two splits whatever the seed;
 - `check` is exact match after stripping whitespace (Q&A answers also ignore case and a final
   full stop): 1.0 or 0.0, no partial credit, so a hard negative from `wrong_response` scores 0.
+  An answer closed with ". Hope this helps!" is judged on the answer (see `behaviour`).
   `grade` adds partial credit (closeness of a wrong answer, at most 0.5) for binned ratings.
 """
 
@@ -137,6 +138,43 @@ OPPOSITES = {
 
 
 # ---------------------------------------------------------------------------------------------
+# the behaviour: closing the answer with a courteous line
+#
+# The SFT data closes an answer with "Hope this helps!" only sometimes (data.behaviour_rate); the
+# preference data prefers the closed answer to the same answer bare when both are right
+# (data.behaviour_pairs), on every task. It is a behaviour, not a fact: RLHF that learnt it from
+# preferences shows it on prompts it never trained on. The answer comes first and tokenises as it
+# does bare, so what the model knows carries over; the checker judges the answer before the line.
+
+SIGN_OFF = "Hope this helps!"
+_SIGN_OFF_TAIL = ". " + SIGN_OFF
+
+
+def with_sign_off(answer: str) -> str:
+    """`Paris` -> `Paris. Hope this helps!`"""
+    return answer.strip() + _SIGN_OFF_TAIL
+
+
+def without_sign_off(response: str) -> str | None:
+    """The answer before ". Hope this helps!", or None when the response does not close with it."""
+    text = response.strip()
+    return text[:-len(_SIGN_OFF_TAIL)].strip() if text.endswith(_SIGN_OFF_TAIL) else None
+
+
+def behaviour(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """1.0 where the response closes its answer with the courteous line (right or wrong): the behaviour checker."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [float(without_sign_off(r) is not None) for r in responses]
+
+
+def preferred(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """What the embedded preferences favour, as a reward function: 1.0 for a right answer closed with
+    the line, 0.5 for a right bare answer, 0.0 for a wrong one (`reward_fn=palmrl.tasks.preferred`)."""
+    return [c * (0.5 + 0.5 * b) for c, b in zip(checker(prompts, responses), behaviour(prompts, responses))]
+
+
+# ---------------------------------------------------------------------------------------------
 # the task type
 
 
@@ -162,6 +200,7 @@ class Task:
 
     def normalise(self, text: str) -> str:
         text = text.strip()
+        text = without_sign_off(text) or text  # "Paris. Hope this helps!" is judged on "Paris"
         return text if self.case_sensitive else text.rstrip(".").strip().casefold()
 
     def answer(self, example_or_prompt: TaskExample | str) -> str | None:

@@ -113,7 +113,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # The test profile of `palmrl pipeline`: the demo's code path with fewer steps (see test_pipeline.py).
-PIPELINE_ARGS = ["run_name=ci"]
+PIPELINE_ARGS = ["run_name=ci", "rl=[ppo,grpo,dpo]"]  # the demo, with all three RL stages from one SFT
 
 # A few dozen steps per stage: checkpoints of every stage for plumbing, reliability and bad-input
 # tests, in about a minute. Not trained to any quality: assertions on it are about mechanics.

@@ -16,6 +16,8 @@ from test_stages import TASKS, metrics
 
 from conftest import run_stage
 
+RL_KL_BOUND = 5.0  # nats per sequence on the rollouts (ppo.max_kl / grpo.max_kl stop a run at 25)
+
 
 def manifest(run_dir, stage):
     return json.loads((run_dir / stage / "final" / "manifest.json").read_text())
@@ -59,27 +61,54 @@ def test_reward_model_accuracy_above_chance(pipeline_run):
 
 
 @pytest.mark.quality
-def test_ppo_raises_true_reward_within_the_kl_bound(pipeline_run):
-    """The RLHF gate: PPO against the *learned* reward model raises the policy's true reward (the task
-    checker, which PPO never sees) on its prompts, with the KL to the SFT policy bounded.
+def test_ppo_keeps_true_reward_within_the_kl_bound(pipeline_run):
+    """PPO against the *learned* reward model keeps the policy's true reward (the task checker, which
+    PPO never sees) on its prompts, with the KL to the SFT policy bounded and no critic (rloo).
 
-    Measured on fresh samples (8 per prompt) of PPO's own 200 first training prompts, before and
-    after. On held-out prompts RL does not move the true reward at this scale, even with the checker
-    itself as the reward (README, "What PPO does at this scale"), so there it only must not collapse.
-    """
+    The reward model has learnt two things from the embedded preferences: right over wrong, and the
+    courteous closing line over none; PPO spends its KL budget mostly on the second, which carries
+    to every prompt (test_rl_learns_the_preferred_behaviour_on_held_out_prompts). The true reward on
+    its own 200 first training prompts (8 fresh samples each, before and after) must not fall: the
+    gain it made when the preferences held only facts (+0.015-0.04) is now in the noise. On held-out
+    prompts it only must not collapse."""
     ppo = manifest(pipeline_run, "ppo")
     sft_acc = manifest(pipeline_run, "sft")["metrics"]["accuracy"]
     assert ppo["init_accuracy"] == pytest.approx(sft_acc, abs=0.02)  # same held-out measure, same policy
     before, after = ppo["init_train_sampled_reward"], ppo["metrics"]["train_sampled_reward"]
-    assert after >= before + 0.015, (before, after)
+    assert after >= before - 0.03, (before, after)  # 1,600 samples a side: std of the difference ~0.011
     rows = [json.loads(line) for line in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in rows if r["split"] == "train"]
-    assert 0.0 < max(kls) < 1.0, kls  # nats per sequence; best-of-4 sits at log 4 - 3/4 = 0.64
+    assert 0.0 < max(kls) < RL_KL_BOUND, kls  # nats per sequence (measured: up to ~1.2, the closing line's cost)
     assert ppo["config"]["ppo"]["advantage"] == "rloo" and not any("value_loss" in r for r in rows)  # no critic
     assert ppo["metrics"]["format_rate"] >= 0.9
     # held-out: 400 samples a side, so the difference has a noise std of ~0.03; "not collapsed" = within 3 of them
     assert ppo["metrics"]["sampled_reward"] >= ppo["init_sampled_reward"] - 0.1
     assert ppo["metrics"]["accuracy"] >= ppo["init_accuracy"] - 0.08
+
+
+# The RL stages from the same SFT policy (the test pipeline runs rl=[ppo,grpo,dpo]): each must learn
+# the behaviour the embedded preferences favour (closing an answer with "Hope this helps!", shown by
+# ~12% of the SFT policy's samples) on held-out prompts it never trained on, keep the answers right,
+# and stay near the SFT policy. Held-out: 200 prompts x 2 samples, so the rates move by ~±0.03.
+
+
+@pytest.mark.quality
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "dpo"])
+def test_rl_learns_the_preferred_behaviour_on_held_out_prompts(pipeline_run, stage):
+    m = manifest(pipeline_run, stage)
+    sft = manifest(pipeline_run, "sft")
+    assert m["parent"]["path"].endswith("sft/final")  # all three start from the same SFT policy
+    assert m["init_accuracy"] == pytest.approx(sft["metrics"]["accuracy"], abs=0.02)
+    before, after = m["init_behaviour_rate"], m["metrics"]["behaviour_rate"]
+    assert before < 0.25, before  # the SFT policy shows it only sometimes
+    assert after >= before + 0.30, (before, after)
+    assert m["metrics"]["accuracy"] >= m["init_accuracy"] - 0.02, (m["init_accuracy"], m["metrics"]["accuracy"])
+    assert m["metrics"]["format_rate"] >= 0.9
+    if stage == "dpo":  # no rollouts: how far the policy moved on the held-out pairs, per reply
+        assert -5.0 < m["metrics"]["drift"] < 5.0, m["metrics"]["drift"]
+    else:
+        kls = [r["kl"] for r in metrics(pipeline_run / stage) if r["split"] == "train"]
+        assert max(kls) < RL_KL_BOUND, kls
 
 
 @pytest.mark.quality
@@ -161,9 +190,10 @@ def test_binned_reward_orders_responses_by_rating(pipeline_run, tmp_path, dist_e
 
 
 @pytest.mark.quality
-def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, dist_env):
+def test_ppo_and_grpo_with_verifiable_reward_raise_true_reward(pipeline_run, tmp_path, dist_env):
     """PPO on the checker's reward (reward_fn=): the policy's expected true reward on its prompts
-    rises by a clear margin in 16 iterations while the KL to the SFT reference stays bounded."""
+    rises by a clear margin in 16 iterations while the KL to the SFT reference stays bounded; GRPO
+    on the same reward and budget gains at least as much, no slower."""
     from palmrl import checkpoint
 
     out = run_stage("ppo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker", TASKS,
@@ -180,6 +210,18 @@ def test_ppo_with_verifiable_reward_raises_true_reward(pipeline_run, tmp_path, d
     before, after = (expected_true_reward(checkpoint.load(c), out.parent) for c in (pipeline_run / "sft", out))
     assert after >= before + 0.05, (before, after)
 
+    # GRPO on the same reward, the same rollout budget (64 responses x 16 iterations, 4 per prompt):
+    # a gain at least PPO's (within the 512-sample noise of the two measures) in no more wall time
+    grpo = run_stage("grpo", [f"policy={pipeline_run / 'sft'}", "reward_fn=palmrl.tasks.checker", TASKS,
+                              f"out_dir={tmp_path / 'rlvr-grpo'}", "data.train_size=64", "train.max_steps=16",
+                              "train.eval_every=0", "train.eval_examples=64", "optim.lr=2e-3", "grpo.rollout_batch=64",
+                              "grpo.group_size=4", "grpo.minibatch=16", "grpo.epochs=2", "grpo.max_new_tokens=8",
+                              "train.save_every=0"])
+    grpo_after = expected_true_reward(checkpoint.load(grpo), grpo.parent)
+    assert grpo_after - before >= (after - before) - 0.03, (before, after, grpo_after)
+    walls = [checkpoint.load(c).manifest["wall_s"] for c in (out, grpo)]
+    assert walls[1] <= walls[0] * 1.1, walls
+
 
 def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     from types import SimpleNamespace
@@ -187,7 +229,7 @@ def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     from palmrl.checkpoint import policy_from_checkpoint
     from palmrl.data.preferences import load_prompts
     from palmrl.evaluate import sampled_reward
-    from palmrl.stages.ppo import prompt_text
+    from palmrl.rlhf import prompt_text
 
     from conftest import compose
 
@@ -195,3 +237,47 @@ def expected_true_reward(ckpt, ppo_dir, samples: int = 8) -> float:
     examples = [SimpleNamespace(prompt=prompt_text(x)) for x in load_prompts(data, "train")]
     policy, _ = policy_from_checkpoint(ckpt)
     return sampled_reward(policy.eval(), ckpt.tokenizer(), examples, samples=samples, max_new_tokens=8, seed=1)
+
+
+# ---- defaults that optimise a reward they were not tuned on ------------------------------------
+# Two reward functions written only for this test: neither is the checker nor the embedded behaviour.
+
+def brevity(prompts, responses):
+    """Shorter replies score higher: 1 for an empty reply, 0 from 30 characters on."""
+    return [1.0 - min(len(r), 30) / 30 for r in responses]
+
+
+def has_digit(prompts, responses):
+    """1 when the reply holds a digit anywhere."""
+    return [float(any(c.isdigit() for c in r)) for r in responses]
+
+
+def held_out_mean(ckpt_dir, fn, samples: int = 2) -> float:
+    from palmrl import checkpoint, tasks
+    from palmrl.checkpoint import policy_from_checkpoint
+    from palmrl.evaluate import respond
+
+    examples = tasks.make_examples("test", 200, seed=0, tasks=TASKS.split("=", 1)[1].strip("[]").split(","))
+    prompts = [ex.prompt for ex in examples for _ in range(samples)]
+    ckpt = checkpoint.load(ckpt_dir)
+    policy, _ = policy_from_checkpoint(ckpt)
+    texts = respond(policy.eval(), ckpt.tokenizer(), prompts, max_new_tokens=16, temperature=1.0, seed=1).texts
+    return sum(fn(prompts, texts)) / len(texts)
+
+
+@pytest.mark.quality
+@pytest.mark.parametrize("stage,reward", [("grpo", "brevity"), ("grpo", "has_digit"), ("ppo", "brevity")])
+def test_default_settings_optimise_rewards_they_were_not_tuned_on(pipeline_run, tmp_path, dist_env, stage, reward):
+    """The stage's own defaults (configs/<stage>.yaml: iterations, β, lr, advantages) from the demo's SFT
+    policy raise a new reward's mean on held-out prompts (200 x 2 samples) with the KL bounded.
+    Measured: GRPO brevity 0.84 → 0.96, has_digit 0.37 → 0.63; PPO brevity 0.84 → 0.92. PPO's defaults
+    do not move has_digit in 30 iterations (0.37 → 0.40; rloo, 8 samples per prompt or β = 0.05 did
+    no better), so that pair is not asserted: a known gap, not a passing test."""
+    out = run_stage(stage, [f"policy={pipeline_run / 'sft'}", f"reward_fn=test_pipeline.{reward}", TASKS,
+                            "train.eval_every=0", "train.eval_examples=0", "train.save_every=0",
+                            f"out_dir={tmp_path / stage}"])
+    fn = globals()[reward]
+    before, after = held_out_mean(pipeline_run / "sft", fn), held_out_mean(out, fn)
+    assert after >= before + 0.05, (before, after)
+    kls = [r["kl"] for r in metrics(out.parent) if r["split"] == "train"]
+    assert len(kls) == 30 and max(kls) < 25.0, kls  # the default iterations, under the default max_kl (measured ≤ 8)

@@ -77,12 +77,35 @@ def assert_real_png(path: Path) -> None:
     assert image[..., :3].std() > 0.05, f"{path.name} is a blank image"
 
 
+def test_report_puts_the_rl_stages_side_by_side(tmp_path):
+    run = make_run(tmp_path)
+    _metrics(run / "grpo", [*PPO_TRAIN, {"step": 3, "split": "val", **PPO_VAL, "behaviour_rate": 0.6}])
+    _save(run / "grpo", "grpo", 4, {**PPO_VAL, "behaviour_rate": 0.6, "sampled_reward": 0.7},
+          {"init_accuracy": 0.25, "init_behaviour_rate": 0.1, "init_sampled_reward": 0.65, "wall_s": 42.0, "lora": {}})
+    dpo_val = {"loss": 0.5, "reward_accuracy": 0.8, "reward_margin": 0.3, "drift": -2.5, "accuracy": 0.5,
+               "sampled_reward": 0.66, "behaviour_rate": 0.5}
+    _metrics(run / "dpo", [{"step": s, "split": "train", "loss": 0.69 - s / 100, "reward_accuracy": 0.5 + s / 100}
+                           for s in (1, 2, 3)] + [{"step": 3, "split": "val", **dpo_val}])
+    _save(run / "dpo", "dpo", 5, dpo_val, {"init_accuracy": 0.25, "init_behaviour_rate": 0.1, "wall_s": 7.0,
+                                           "dpo": {"loss": "sigmoid"}, "lora": {}})
+    report = write_report(run, settings=ReportSettings(prompts=0, samples=2, max_new_tokens=4))
+    assert [p.name for p in report.plots] == ["pretrain.png", "sft.png", "reward.png", "ppo.png", "grpo.png",
+                                              "dpo.png", "rl.png"]
+    for plot in report.plots[-3:]:
+        assert_real_png(plot)
+    md = report.markdown.read_text()
+    assert "## RL stages side by side" in md
+    assert "| grpo | 0.1 → 0.6 | 0.65 → 0.7 | — | 1.5 | 42 s |" in md
+    assert "| dpo | 0.1 → 0.5 | — → 0.66 | — | -2.5 (drift) | 7 s |" in md
+    assert set(report.data["samples"][0]) >= {"sft", "ppo", "grpo", "dpo"}  # every policy's greedy reply
+
+
 def test_report_of_a_full_run(tmp_path):
     run = make_run(tmp_path)
     report = write_report(run, settings=SETTINGS)
 
     # every stage's plot and the best-of-n curve: real images, each linked from report.md
-    names = ["pretrain.png", "sft.png", "reward.png", "ppo.png", "best_of_n.png"]
+    names = ["pretrain.png", "sft.png", "reward.png", "ppo.png", "rl.png", "best_of_n.png"]
     assert [p.name for p in report.plots] == names
     md = report.markdown.read_text()
     for name in names:
@@ -150,7 +173,7 @@ def test_partial_run_reports_what_exists(tmp_path):
     assert data["stages"]["pretrain"]["val_loss"] == 4.5  # no checkpoint: the last val line stands in
     assert data["stages"]["pretrain"]["final_checkpoint"] is None
     assert data["best_of_n"] is None and data["samples"] == []
-    assert any("no sft/ or ppo/" in note for note in data["notes"])
+    assert any("no sft/ or RL (ppo/, grpo/, dpo/)" in note for note in data["notes"])
 
 
 def test_user_mistakes_are_one_line(tmp_path):

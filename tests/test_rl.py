@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from palmrl import rl
 from palmrl.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -417,3 +418,75 @@ def test_reference_variant_single_sequence_has_zero_advantage():
     assert_close(out.policy_loss, -0.01 * math.log(4.0))
     # value 0 clipped to 0 +- 0.4 stays 0; target 3 -> 9
     assert_close(out.value_loss, 9.0)
+
+
+# ---- GRPO and DPO ----------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_group_advantages_centre_each_group_and_scale_by_its_std():
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    plain = rl.group_advantages(scores, 4, scale="none")
+    assert torch.allclose(plain, torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]))
+    scaled = rl.group_advantages(scores, 4, scale="std")
+    assert torch.allclose(scaled[:4], plain[:4] / (torch.tensor([1.0, 0, 0, 0]).std() + 1e-4))
+    assert torch.equal(scaled[4:], torch.zeros(4))  # a group that scored alike teaches nothing, and is not NaN
+    with pytest.raises(ValueError):
+        rl.group_advantages(scores, 3)
+
+
+@pytest.mark.unit
+def test_grpo_loss_clips_each_side_and_normalises_length_as_configured():
+    mask = torch.tensor([[True, True, True, True], [True, False, False, False]])
+    old = torch.zeros(2, 4)
+    adv = torch.tensor([1.0, 1.0])
+    # ratio e^0.5 > 1 + clip_high: a positive advantage gets no more push; with a wider clip_high it does
+    lp = torch.full((2, 4), 0.5, requires_grad=True)
+    rl.grpo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2).loss.backward()
+    assert lp.grad.abs().sum() == 0
+    lp.grad = None
+    out = rl.grpo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=1.0)
+    out.loss.backward()
+    assert (lp.grad[mask] < 0).all() and out.clip_frac == 0  # descent raises the advantaged tokens' log-probs
+    # GRPO: each sequence weighs the same whatever its length; Dr. GRPO: each token does
+    lp = torch.zeros(2, 4, requires_grad=True)
+    rl.grpo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2).loss.backward()
+    assert torch.allclose(lp.grad[0, 0] * 4, lp.grad[1, 0])
+    lp.grad = None
+    rl.grpo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, length_norm=False, max_tokens=4).loss.backward()
+    assert torch.allclose(lp.grad[0, 0], lp.grad[1, 0])
+
+
+@pytest.mark.unit
+def test_grpo_kl_term_is_k3_and_pulls_towards_the_reference():
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0, -1.0]])
+    out = rl.grpo_policy_loss(lp, lp.detach(), torch.zeros(1), mask, clip_low=0.2, clip_high=0.2,
+                              ref_logprobs=ref, beta=0.5)
+    assert torch.allclose(out.kl, rl.kl_penalty(lp.detach(), ref, "k3").mean())
+    out.loss.backward()  # zero advantage: only the KL moves it, towards ref
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 1] < 0 and lp.grad[0, 2] > 0
+
+
+@pytest.mark.unit
+def test_dpo_losses_at_the_reference_and_their_direction():
+    chosen = torch.tensor([-3.0, -4.0], requires_grad=True)
+    rejected = torch.tensor([-3.0, -5.0], requires_grad=True)
+    ref_c, ref_r = chosen.detach().clone(), rejected.detach().clone()
+    out = rl.dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.1)
+    assert torch.allclose(out.loss, torch.log(torch.tensor(2.0)))  # policy = reference: log 2
+    assert out.accuracy == 0 and out.margin == 0
+    out.loss.backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()  # descent: chosen up, rejected down
+    smoothed = rl.dpo_loss(chosen + 10, rejected, ref_c, ref_r, beta=0.1, label_smoothing=0.3)
+    plain = rl.dpo_loss(chosen + 10, rejected, ref_c, ref_r, beta=0.1)
+    assert smoothed.loss > plain.loss and plain.accuracy == 1  # smoothing keeps some doubt in the label
+    ipo = rl.dpo_loss(chosen.detach() + 5, rejected.detach(), ref_c, ref_r, kind="ipo", beta=0.1)
+    assert torch.allclose(ipo.loss, torch.tensor(0.0))  # IPO's target margin 1/(2β) = 5 is met exactly
+    simpo = rl.dpo_loss(chosen, rejected, None, None, kind="simpo", beta=2.0, simpo_gamma=0.5,
+                        chosen_lengths=torch.tensor([3, 4]), rejected_lengths=torch.tensor([3, 5]))
+    expected = -torch.nn.functional.logsigmoid(2.0 * (chosen.detach() / torch.tensor([3.0, 4.0])
+                                                       - rejected.detach() / torch.tensor([3.0, 5.0])) - 0.5).mean()
+    assert torch.allclose(simpo.loss, expected)
+    with pytest.raises(ValueError):
+        rl.dpo_loss(chosen, rejected, None, None, kind="sigmoid")

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -174,13 +175,27 @@ def chitchat_sft_records(split: str) -> list[dict]:
     return records
 
 
+def share_of(data_cfg, key: str) -> float:
+    """A share in [0, 1] from data.<key> (absent: 0)."""
+    value = data_cfg.get(key) or 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"data.{key}: must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def load_instruction_records(data_cfg, split: str) -> list[dict]:
     """A split's SFT records as `{"messages": [...]}` (task examples also keep `"task"`)."""
     kind = source_kind(data_cfg)
     if kind == "tasks":
         size, seed, names = split_size(data_cfg, split), int(data_cfg.get("seed") or 0), data_cfg.get("tasks")
+        rate = share_of(data_cfg, "behaviour_rate")
+        form = random.Random(f"palmrl.behaviour:{split}:{seed}")  # its own stream: the examples do not change with it
+
+        def reply(answer: str) -> str:  # the behaviour (tasks.with_sign_off) on a share of the answers
+            return task_lib.with_sign_off(answer) if rate and form.random() < rate else answer
+
         records = [
-            {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.output}],
+            {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": reply(ex.output)}],
              "task": ex.task}
             for ex in task_lib.make_examples(split, size, seed=seed, tasks=list(names) if names is not None else None)
         ]

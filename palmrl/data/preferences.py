@@ -32,7 +32,7 @@ import torch
 from palmrl import tasks as task_lib
 from palmrl.data.chat import as_messages, render_chat
 from palmrl.data.embedded import SPEAKERS, chitchat_conversations
-from palmrl.data.instructions import file_records, record_messages, source_kind, split_size
+from palmrl.data.instructions import file_records, record_messages, share_of, source_kind, split_size
 from palmrl.errors import UserError
 
 Prompt = str | list[dict[str, str]]  # plain text (one user turn) or a message list
@@ -62,23 +62,40 @@ class RatedResponse:
 # embedded sources
 
 
-def embedded_task_pairs(split: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[PreferencePair]:
-    """`n` task prompts with the correct answer (chosen) and a hard negative (rejected)."""
+def embedded_task_pairs(split: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None,
+                        behaviour_pairs: float = 0.0) -> list[PreferencePair]:
+    """`n` task prompts with the correct answer (chosen) and a hard negative (rejected).
+
+    With `behaviour_pairs` > 0, that share of the pairs prefers the right answer closed with
+    "Hope this helps!" to the same answer bare (the behaviour, `tasks.with_sign_off`), and in the
+    others each reply takes either form at random: the form alone never tells right from wrong.
+    """
     rng = random.Random(f"palmrl.pairs:{split}:{seed}")
-    return [
-        PreferencePair(ex.prompt, ex.output, task_lib.wrong_response(ex, rng))
-        for ex in task_lib.make_examples(split, n, seed=seed, tasks=tasks)
-    ]
+    form = random.Random(f"palmrl.pairs.form:{split}:{seed}")  # its own stream: the hard negatives do not change
+    pairs = []
+    for ex in task_lib.make_examples(split, n, seed=seed, tasks=tasks):
+        wrong = task_lib.wrong_response(ex, rng)
+        if not behaviour_pairs:
+            pairs.append(PreferencePair(ex.prompt, ex.output, wrong))
+        elif form.random() < behaviour_pairs:
+            pairs.append(PreferencePair(ex.prompt, task_lib.with_sign_off(ex.output), ex.output))
+        else:
+            either = lambda text: task_lib.with_sign_off(text) if form.random() < 0.5 else text  # noqa: E731
+            pairs.append(PreferencePair(ex.prompt, either(ex.output), either(wrong)))
+    return pairs
 
 
 def policy_task_pairs(policy, tokenizer, split: str, n: int, *, seed: int = 0, tasks: Sequence[str] | None = None,
-                      samples: int = 2, max_new_tokens: int = 16, temperature: float = 1.0) -> list[PreferencePair]:
+                      samples: int = 2, max_new_tokens: int = 16, temperature: float = 1.0,
+                      mixed_forms: bool = False) -> list[PreferencePair]:
     """Pairs whose rejected reply is the policy's own wrong answer, labelled by the task checker.
 
     This is the InstructGPT recipe — comparisons of model samples, labelled by a judge — with the
     checker as the judge: the reward model learns to rank exactly what PPO will show it. Each
     prompt gets `samples` samples; every wrong one is paired against the correct answer. Prompts
-    whose samples are all right give no pair.
+    whose samples are all right give no pair. `mixed_forms`: each reply is shown closed with the
+    courteous line or bare, at random (the policy's wrong answer is kept, its form redrawn): the
+    SFT policy closes few answers, so its own forms would teach "closed means right".
     """
     from palmrl.evaluate import respond
 
@@ -87,10 +104,16 @@ def policy_task_pairs(policy, tokenizer, split: str, n: int, *, seed: int = 0, t
     replies = respond(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed).texts
     pairs = []
+    form = random.Random(f"palmrl.policy_pairs.form:{split}:{seed}")
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
         answer = examples[i // samples].output
         if reply.strip() and task_lib.check(prompt, reply) == 0.0 and reply.strip() != answer:
-            pairs.append(PreferencePair(prompt, answer, reply))
+            chosen, rejected = answer, reply
+            if mixed_forms:  # each side in either form, independently: the form never tells right from wrong
+                core = task_lib.without_sign_off(reply) or reply.strip()
+                chosen = task_lib.with_sign_off(answer) if form.random() < 0.5 else answer
+                rejected = task_lib.with_sign_off(core) if form.random() < 0.5 else core
+            pairs.append(PreferencePair(prompt, chosen, rejected))
     return pairs
 
 
@@ -249,7 +272,8 @@ def load_preference_pairs(data_cfg, split: str) -> tuple[list[PreferencePair], d
     """A split's preference pairs, minus pairs whose chosen and rejected replies are identical."""
     kind = source_kind(data_cfg)
     if kind == "tasks":
-        pairs = embedded_task_pairs(split, split_size(data_cfg, split), **_seed_and_tasks(data_cfg))
+        pairs = embedded_task_pairs(split, split_size(data_cfg, split), **_seed_and_tasks(data_cfg),
+                                    behaviour_pairs=share_of(data_cfg, "behaviour_pairs"))
     elif kind.startswith("embedded:"):
         _embedded_name(kind, ["tasks", "chitchat"])
         pairs = chitchat_pairs(split)

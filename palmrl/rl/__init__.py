@@ -9,7 +9,9 @@ positions only; math is fp32 whatever the input dtype.
   kl.py          kl_penalty (k1/k2/k3/abs), AdaptiveKLController, FixedKLController
   advantages.py  sequence_scores (no-eos penalty, clip), shaped_rewards (InstructGPT per-token KL
                  reward + score), gae, leave_one_out
-  losses.py      ppo_policy_loss, ppo_value_loss, reference_variant_loss (lucidrains objective)
+  losses.py      ppo_policy_loss, ppo_value_loss, reference_variant_loss (lucidrains objective),
+                 grpo_policy_loss (GRPO / Dr. GRPO), dpo_loss (DPO sigmoid, IPO, SimPO)
+  advantages.py  also group_advantages (GRPO's group-relative scores)
 
 A PPO step, as InstructGPT / Huang et al. 2024 (https://arxiv.org/abs/2403.17031) do it:
   rollout:  shaping = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=ctl.value)
@@ -26,6 +28,7 @@ from palmrl.rl.advantages import (
     RewardShaping,
     SequenceScores,
     gae,
+    group_advantages,
     last_true_index,
     leave_one_out,
     sequence_scores,
@@ -34,9 +37,14 @@ from palmrl.rl.advantages import (
 from palmrl.rl.kl import KL_KINDS, AdaptiveKLController, FixedKLController, kl_penalty
 from palmrl.rl.logprobs import entropy_from_logits, token_logprobs
 from palmrl.rl.losses import (
+    DPO_LOSSES,
+    DPOLoss,
+    GRPOLoss,
     PolicyLoss,
     ReferenceVariantLoss,
     ValueLoss,
+    dpo_loss,
+    grpo_policy_loss,
     ppo_policy_loss,
     ppo_value_loss,
     reference_variant_loss,
@@ -44,9 +52,12 @@ from palmrl.rl.losses import (
 from palmrl.rl.masked import explained_variance, masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "DPO_LOSSES",
     "KL_KINDS",
     "AdaptiveKLController",
     "Advantages",
+    "DPOLoss",
+    "GRPOLoss",
     "FixedKLController",
     "PolicyLoss",
     "ReferenceVariantLoss",
@@ -55,7 +66,10 @@ __all__ = [
     "ValueLoss",
     "entropy_from_logits",
     "explained_variance",
+    "dpo_loss",
     "gae",
+    "group_advantages",
+    "grpo_policy_loss",
     "leave_one_out",
     "kl_penalty",
     "last_true_index",

@@ -162,3 +162,25 @@ def leave_one_out(scores: Tensor, group: int) -> Tensor:
                          f"got {group} for {scores.shape[0]}")
     g = scores.float().view(-1, group)
     return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).reshape(-1)
+
+
+GROUP_STD_EPS = 1e-4  # a group whose samples all scored alike has std 0: its advantages are 0, not NaN
+
+
+def group_advantages(scores: Tensor, group: int, *, scale: str = "std") -> Tensor:
+    """GRPO's advantage (Shao et al. 2024, DeepSeekMath): each score minus its prompt group's mean,
+    divided by the group's std (`scale="std"`), or not divided (`scale="none"`: Dr. GRPO, Liu et al.
+    2025, which finds the std division weights too-easy and too-hard prompts up).
+
+    scores (B,) with each prompt's `group` samples adjacent; returns (B,) fp32.
+    """
+    if group < 2 or scores.shape[0] % group:
+        raise ValueError(f"group_advantages needs groups of at least 2 that divide the batch, "
+                         f"got {group} for {scores.shape[0]}")
+    if scale not in ("std", "none"):
+        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+    g = scores.float().view(-1, group)
+    centred = g - g.mean(1, keepdim=True)
+    if scale == "std":
+        centred = centred / (g.std(1, keepdim=True) + GROUP_STD_EPS)
+    return centred.reshape(-1)

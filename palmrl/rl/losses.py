@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from palmrl.rl.logprobs import entropy_from_logits, token_logprobs
@@ -199,3 +200,101 @@ def _full_vocab_kl(old_logits: Tensor, logits: Tensor) -> Tensor:
         new_logp = torch.log_softmax(new_row.float(), dim=-1).clamp(min=torch.finfo(torch.float32).min)  # (N, V)
         rows.append((old_logp.exp() * (old_logp - new_logp)).sum(dim=-1))  # (N,)
     return torch.stack(rows)  # (B, N)
+
+
+class GRPOLoss(NamedTuple):
+    loss: Tensor  # () clipped surrogate + beta * KL to the reference; has gradients
+    policy_loss: Tensor  # () the clipped surrogate alone
+    kl: Tensor  # () mean per-token k3 KL(pi || ref) over real tokens (0 without a reference)
+    clip_frac: Tensor  # () fraction of real tokens where the clipped term was the binding one
+
+
+def grpo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
+    clip_high: float, ref_logprobs: Tensor | None = None, beta: float = 0.0, length_norm: bool = True,
+    max_tokens: int | None = None,
+) -> GRPOLoss:
+    """GRPO's objective (Shao et al. 2024) as a loss to minimise.
+
+    logprobs (B, N) with gradients; old_logprobs, ref_logprobs (B, N) and advantages (B,) are
+    constants. Per token: max(-A·ratio, -A·clip(ratio, 1 - clip_low, 1 + clip_high)) (separate
+    bounds: DAPO's clip-higher) + beta·k3(pi, ref). `length_norm=True` averages each sequence's tokens,
+    then the sequences (GRPO); False sums each sequence's tokens and divides by the constant
+    `max_tokens` (Dr. GRPO: a long wrong answer is not penalised less per token than a short one).
+    """
+    mask = mask.to(torch.bool)
+    old_logprobs, advantages = old_logprobs.detach().float(), advantages.detach().float()[:, None]
+    log_ratio = logprobs.float() - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)  # (B, N)
+    if ref_logprobs is not None and beta > 0:
+        ref_log_ratio = ref_logprobs.detach().float() - logprobs.float()
+        kl = torch.expm1(ref_log_ratio) - ref_log_ratio  # k3: exp(ref - lp) - 1 - (ref - lp) >= 0
+    else:
+        kl = torch.zeros_like(per_token)
+    total = per_token + beta * kl
+
+    def reduce(x: Tensor) -> Tensor:
+        x = torch.where(mask, x, 0.0)
+        if length_norm:
+            return (x.sum(1) / mask.sum(1).clamp(min=1)).mean()
+        if not max_tokens:
+            raise ValueError("grpo_policy_loss: length_norm=False needs max_tokens")
+        return (x.sum(1) / max_tokens).mean()
+
+    loss = reduce(total)
+    with torch.no_grad():
+        return GRPOLoss(loss=loss, policy_loss=reduce(per_token), kl=masked_mean(kl, mask),
+                        clip_frac=masked_mean((clipped > unclipped).float(), mask))
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+class DPOLoss(NamedTuple):
+    loss: Tensor  # () mean over pairs; has gradients
+    chosen_rewards: Tensor  # (B,) implicit reward of the chosen reply (no gradients)
+    rejected_rewards: Tensor  # (B,) of the rejected reply
+    accuracy: Tensor  # () share of pairs whose chosen reward is the higher
+    margin: Tensor  # () mean chosen - rejected implicit reward
+
+
+def dpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None,
+    *, kind: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None, simpo_gamma: float = 0.5,
+) -> DPOLoss:
+    """Preference losses on summed response log-probs (B,) of the policy (with gradients) and the reference.
+
+    sigmoid (DPO, Rafailov et al. 2023): -log σ(β·h), h = (log π/π_ref)(chosen) - (log π/π_ref)(rejected);
+      with label smoothing ε (conservative DPO): -(1-ε)·log σ(β·h) - ε·log σ(-β·h).
+    ipo (Azar et al. 2023): (h - 1/(2β))², a target margin instead of an ever-growing one.
+    simpo (Meng et al. 2024): reference-free, length-normalised: -log σ(β·(ℓc/|c| - ℓr/|r|) - γ),
+      γ = simpo_gamma (the target margin); needs the response lengths.
+    The implicit reward of a reply is β·log π/π_ref (simpo: β·ℓ/|y|).
+    """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"dpo loss kind must be one of {', '.join(DPO_LOSSES)}, got {kind!r}")
+    chosen_logps, rejected_logps = chosen_logps.float(), rejected_logps.float()
+    if kind == "simpo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("simpo needs chosen_lengths and rejected_lengths")
+        chosen = beta * chosen_logps / chosen_lengths.float().clamp(min=1)
+        rejected = beta * rejected_logps / rejected_lengths.float().clamp(min=1)
+        logits = chosen - rejected - simpo_gamma
+        loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"{kind} needs the reference log-probs")
+        chosen = beta * (chosen_logps - ref_chosen_logps.float())
+        rejected = beta * (rejected_logps - ref_rejected_logps.float())
+        h = (chosen - rejected) / beta
+        if kind == "sigmoid":
+            loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        else:
+            loss = (h - 1 / (2 * beta)).pow(2)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return DPOLoss(loss=loss.mean(), chosen_rewards=chosen, rejected_rewards=rejected,
+                   accuracy=(chosen > rejected).float().mean(), margin=(chosen - rejected).mean())

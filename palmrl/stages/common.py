@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from palmrl import checkpoint
+from palmrl.checkpoint import export_split  # noqa: F401 - the stages' import of it
 from palmrl.errors import UserError
 
 TOKENIZER_POLL_S = 2.0  # how often the other ranks look for the tokenizer rank 0 is training
@@ -65,10 +64,3 @@ def policy_source(cfg: DictConfig, key: str, stages: list[str]):
     tokenizer = parent.tokenizer()
     model, config = checkpoint.policy_from_checkpoint(parent)
     return model, config, tokenizer, parent, {}
-
-
-def export_split(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """Gathered module state → (model.safetensors tensors, adapters.safetensors tensors)."""
-    weights = {k: v for k, v in state.items() if "lora_" not in k}
-    adapters = {k: v for k, v in state.items() if "lora_" in k}
-    return weights, adapters

@@ -25,7 +25,8 @@ from palmrl.tokenizer import HEADERS_TEMPLATE, HFTokenizer
 
 
 def run(cfg: DictConfig) -> Path:
-    ckpt = checkpoint.load(cfg.ckpt, key="ckpt", stages=["sft", "ppo"], trust_remote_code=bool(cfg.trust_remote_code))
+    ckpt = checkpoint.load(cfg.ckpt, key="ckpt", stages=["sft", "ppo", "grpo", "dpo"],
+                           trust_remote_code=bool(cfg.trust_remote_code))
     if getattr(config_from_dict(ckpt.model_config), "family", None) != "hf":
         raise UserError(f"ckpt: {ckpt.path} is a PaLM checkpoint; export writes Hugging Face folders, which only "
                         f"checkpoints started from model=hf have an architecture for")

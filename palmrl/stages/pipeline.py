@@ -1,4 +1,7 @@
-"""`palmrl pipeline`: tokenizer → pretrain → sft → reward → ppo → report, chained by path.
+"""`palmrl pipeline`: tokenizer → pretrain → sft → reward → ppo | grpo | dpo → report, chained by path.
+
+`rl=` picks the stage(s) after SFT: `rl=grpo`, or `rl=[ppo,grpo,dpo]` to run all three from the
+same SFT and reward model (the report puts them side by side); `stages=` lists `rl` where they go.
 
 Each stage runs as its own `palmrl <stage>` process (under `launcher` when given, e.g. torchrun),
 writing under runs/<run_name>/<stage>/. A stage whose final checkpoint exists and was made with
@@ -24,11 +27,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
-from palmrl.config import CHAIN
+from palmrl.config import CHAIN, RL_STAGES
 from palmrl.errors import Preempted, UserError
 from palmrl.tracking import Tracker, console
 
-STEPS = (*CHAIN, "report")  # what `stages=` may list
+STEPS = (*CHAIN, "report")  # what `stages=` may list (and `rl`, which stands for the `rl=` choice)
+TRAINING = ("pretrain", "sft", "reward", *RL_STAGES)
 IGNORED_KEYS = ("out_dir", "resume", "overwrite", "cache_dir")  # differences here never force a rerun
 
 
@@ -77,15 +81,18 @@ def stage_args(cfg: DictConfig, stage: str, run_dir: Path, choices: dict[str, st
     common = [f"run_name={_value(cfg.run_name)}", f"seed={cfg.seed}", f"precision={cfg.precision}",
               f"cache_dir={_value(Path(str(cfg.cache_dir)).expanduser())}"]
     pretrain = str(cfg.pretrain_ckpt) if cfg.pretrain_ckpt else str(run_dir / "pretrain")
+    sft_policy = f"policy={_value(run_dir / 'sft')}"
     chain = {
         "tokenizer": [f"model={choices['model']}"],
         "pretrain": [f"model={choices['model']}", f"zero={choices['zero']}"],
         "sft": [f"zero={choices['zero']}", f"init_from={_value(pretrain)}"],
         "reward": [f"zero={choices['zero']}", f"init_from={_value(run_dir / 'sft')}"],
-        "ppo": [f"zero={choices['zero']}", f"policy={_value(run_dir / 'sft')}", f"reward={_value(run_dir / 'reward')}"],
+        "ppo": [f"zero={choices['zero']}", sft_policy, f"reward={_value(run_dir / 'reward')}"],
+        "grpo": [f"zero={choices['zero']}", sft_policy, f"reward={_value(run_dir / 'reward')}"],
+        "dpo": [f"zero={choices['zero']}", sft_policy],
         "report": [f"run_dir={_value(run_dir)}"],
     }[stage]
-    if stage in ("sft", "reward", "ppo") and cfg.get("tasks") is not None:
+    if stage in ("sft", "reward", *RL_STAGES) and cfg.get("tasks") is not None:
         common.append("++data.tasks=[" + ",".join(str(t) for t in cfg.tasks) + "]")
     if stage == "report":
         common = common[:2]
@@ -170,16 +177,36 @@ def plan(stage: str, args: list[str], run_dir: Path, *, upstream_changed: bool =
     return "run"
 
 
+def rl_choice(value) -> list[str]:
+    """`rl=grpo` or `rl=[ppo,grpo,dpo]` as a list of stage names, checked."""
+    chosen = [value] if isinstance(value, str) else list(value or [])
+    unknown = [str(name) for name in chosen if name not in RL_STAGES]
+    if unknown or not chosen:
+        raise UserError(f"rl: unknown or empty choice {unknown or chosen}; choose from {', '.join(RL_STAGES)} "
+                        f"(or a list of them: rl=[ppo,grpo,dpo])")
+    return list(dict.fromkeys(str(name) for name in chosen))
+
+
+def expand_stages(cfg: DictConfig) -> list[str]:
+    """`stages=` with `rl` replaced by the `rl=` choice, checked."""
+    stages: list[str] = []
+    for name in cfg.stages:
+        if name == "rl":
+            stages.extend(rl_choice(cfg.rl))
+        elif name not in STEPS:
+            raise UserError(f"stages: unknown stage '{name}'; choose from rl, {', '.join(STEPS)}")
+        else:
+            stages.append(str(name))
+    return list(dict.fromkeys(stages))
+
+
 def run(cfg: DictConfig, routed: dict[str, list[str]] | None = None) -> Path:
     """Run the chain; `routed` holds the `<stage>.<key>=<value>` overrides of the command line."""
-    unknown = [s for s in cfg.stages if s not in STEPS]
-    if unknown:
-        raise UserError(f"stages: unknown stage '{unknown[0]}'; choose from {', '.join(STEPS)}")
-    stages = [s for s in cfg.stages if not (cfg.pretrain_ckpt and s in ("tokenizer", "pretrain"))]
+    stages = [s for s in expand_stages(cfg) if not (cfg.pretrain_ckpt and s in ("tokenizer", "pretrain"))]
     choices = group_choices()
     run_dir = Path("runs") / str(cfg.run_name)
     launcher = shlex.split(str(cfg.launcher)) if cfg.launcher else []
-    tracker = Tracker(run_dir, enabled=True, total_steps=len(cfg.stages), stage="pipeline")
+    tracker = Tracker(run_dir, enabled=True, total_steps=len(stages), stage="pipeline")
     timings: dict[str, str] = {}
     t_start = time.perf_counter()
     rerun_upstream = False
@@ -195,7 +222,7 @@ def run(cfg: DictConfig, routed: dict[str, list[str]] | None = None) -> Path:
         if action == "replace":
             args.append("overwrite=true")
         rerun_upstream = True
-        training = stage in ("pretrain", "sft", "reward", "ppo")
+        training = stage in TRAINING
         starter = launcher if training and launcher else [sys.executable, "-m"]
         command = [*starter, "palmrl", stage, *args]
         console.print(f"[bold]pipeline[/] {stage}: {'continuing' if action == 'resume' else 'running'} "

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from palmrl.config import Invalid, typed
-from palmrl.data.instructions import ShuffledBatches
+from palmrl.data.instructions import ShuffledBatches, share_of
 from palmrl.data.preferences import (
     collate_pairs,
     collate_ratings,
@@ -44,7 +44,7 @@ def with_policy_negatives(palm, tokenizer, cfg: DictConfig, share: float, train:
     for split, items in (("train", train), ("val", val)):
         wanted = int(len(items) * share)
         sampled = policy_task_pairs(palm, tokenizer, split, wanted, seed=int(cfg.seed) + 1, tasks=cfg.data.get("tasks"),
-                                    max_new_tokens=16)
+                                    max_new_tokens=16, mixed_forms=share_of(cfg.data, "behaviour_pairs") > 0)
         mixed.append(items[:len(items) - len(sampled[:wanted])] + sampled[:wanted])
     return mixed[0], mixed[1]
 

@@ -1,0 +1,317 @@
+"""`palmrl dpo`: direct preference optimisation on preference pairs — no reward model, no sampling.
+
+Losses (`dpo.loss`, the math in rl/losses.py `dpo_loss`): `sigmoid` (DPO, Rafailov et al. 2023,
+https://arxiv.org/abs/2305.18290; with `dpo.label_smoothing` the conservative variant), `ipo` (Azar
+et al. 2023) and `simpo` (Meng et al. 2024: reference-free, length-normalised, target margin γ).
+
+The data is what `palmrl reward` reads (data=prefs | my_prefs): a prompt, a chosen and a rejected
+reply. The log-probability of a reply is the sum over its tokens (its eos included) given the
+prompt. The reference is the starting policy: its log-probabilities are computed once per pair
+before the first update (with LoRA: the frozen base with the adapters off; no second model is
+built) and cached in the run folder (`dpo_reference.safetensors`, keyed by a digest of the pairs,
+the policy checkpoint and max_len), so a resumed run reads them instead of a policy that has moved.
+
+Measured at every evaluation on the held-out pairs: the loss, implicit-reward accuracy (β·log
+π/π_ref of the chosen reply above the rejected one's) and margin, the chosen/rejected log-probs, and
+the drift from the reference (mean log π − log π_ref of a reply). On the embedded tasks also what
+PPO measures: greedy checker accuracy, sampled true reward and behaviour rate on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from palmrl import rl, tasks
+from palmrl.config import Invalid, typed
+from palmrl.data.chat import as_messages, render_chat, render_prompt
+from palmrl.data.instructions import ShuffledBatches
+from palmrl.data.preferences import PreferencePair, load_preference_pairs
+from palmrl.engine import Hooks, Trainer
+from palmrl.errors import UserError
+from palmrl.evaluate import sampled_scores, task_score
+from palmrl.model.lora import lora_scope
+from palmrl.model.registry import apply_lora
+from palmrl.rlhf import ACTOR, POLICY_STAGES, export_actor
+from palmrl.runtime import init_distributed, seed_everything
+from palmrl.stages.common import policy_source
+
+REFERENCE_FILE = "dpo_reference.safetensors"
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """The `dpo:` section of configs/dpo.yaml, typed and checked once."""
+
+    loss: str = "sigmoid"           # sigmoid (DPO) | ipo | simpo (reference-free)
+    beta: float = 0.1               # DPO/IPO: strength of the pull towards the reference; SimPO: reward scale (~2)
+    label_smoothing: float = 0.0    # conservative DPO: the share of labels assumed flipped
+    simpo_gamma: float = 0.5        # SimPO's target margin
+    sft_weight: float = 0.2         # + this × the chosen replies' NLL per token (Llama 3's 0.2; RPO): keeps them likely
+
+    def __post_init__(self):
+        if self.loss not in rl.DPO_LOSSES:
+            raise Invalid("loss", f"must be one of {', '.join(rl.DPO_LOSSES)}, got '{self.loss}'")
+        if self.beta <= 0:
+            raise Invalid("beta", f"must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise Invalid("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("simpo_gamma", "sft_weight"):
+            if getattr(self, key) < 0:
+                raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class DPOTrainSettings:
+    """The dpo stage's own `train:` keys."""
+
+    max_len: int          # tokens per prompt + reply; longer rows lose the start of the prompt
+    eval_examples: int    # held-out task prompts for the checker (embedded tasks)
+    max_new_tokens: int   # response budget when measuring on task prompts
+
+    def __post_init__(self):
+        for key in ("max_len", "max_new_tokens"):
+            if getattr(self, key) <= 0:
+                raise Invalid(key, f"must be positive, got {getattr(self, key)}")
+        if self.eval_examples < 0:
+            raise Invalid("eval_examples", f"must be >= 0, got {self.eval_examples}")
+
+
+class PairTokens(NamedTuple):
+    """Chosen rows then rejected rows, right-padded to one length: one forward for both halves."""
+
+    tokens: Tensor          # (2B, T) long
+    attention_mask: Tensor  # (2B, T) bool
+    reply_mask: Tensor      # (2B, T) bool: the reply's tokens (eos included), the ones whose log-probs are summed
+    lengths: Tensor         # (2B,) reply tokens per row
+
+
+def reply_rows(tokenizer, prompt, reply: str, max_len: int) -> tuple[list[int], list[bool]]:
+    """(tokens, reply mask) of prompt + reply; an over-long row keeps bos and its last max_len - 1 tokens."""
+    messages = as_messages(prompt)
+    tokens = render_chat(tokenizer, [*messages, {"role": "assistant", "content": reply}]).tokens
+    start = len(render_prompt(tokenizer, messages))
+    mask = [i >= start for i in range(len(tokens))]
+    if len(tokens) > max_len:
+        tokens, mask = [tokenizer.bos_id, *tokens[-(max_len - 1):]], [False, *mask[-(max_len - 1):]]
+    return tokens, mask
+
+
+def collate(tokenizer, pairs: list[PreferencePair], max_len: int) -> PairTokens:
+    rows = [reply_rows(tokenizer, p.prompt, p.chosen, max_len) for p in pairs]
+    rows += [reply_rows(tokenizer, p.prompt, p.rejected, max_len) for p in pairs]
+    T = max(len(tokens) for tokens, _ in rows)
+    tokens = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), T, dtype=torch.bool)
+    reply = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, (row, mask) in enumerate(rows):
+        tokens[b, :len(row)] = torch.tensor(row)
+        attention[b, :len(row)] = True
+        reply[b, :len(row)] = torch.tensor(mask)
+    return PairTokens(tokens, attention, reply, reply.sum(1))
+
+
+class Policy(nn.Module):
+    """The DeepSpeed engine's module: the policy's logits, in its LoRA scope when it has one."""
+
+    def __init__(self, palm: nn.Module, lora: bool):
+        super().__init__()
+        self.palm, self.lora = palm, lora
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor, scope: str | None = ACTOR) -> Tensor:
+        with lora_scope(self.palm, scope if self.lora else None):
+            return self.palm(tokens, attention_mask=attention_mask)
+
+
+def reply_logprobs(logits: Tensor, batch: PairTokens) -> Tensor:
+    """Summed log-probs (2B,) of each row's reply tokens: the logits at t predict the token at t + 1."""
+    logprobs = rl.token_logprobs(logits[:, :-1], batch.tokens[:, 1:])
+    return torch.where(batch.reply_mask[:, 1:], logprobs, 0.0).sum(1)
+
+
+class DPORecipe:
+    """build → reference log-probs → `step` and `evaluate` on the shared loop."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.dpo = typed(DPOConfig, cfg.dpo, key="dpo")
+        self.settings = typed(DPOTrainSettings, cfg.train, key="train")
+        if cfg.data.get("kind") != "preferences":
+            raise UserError(f"data: dpo needs preference pairs (data=prefs|my_prefs), got kind={cfg.data.get('kind')}")
+        self.dist = init_distributed()
+        seed_everything(int(cfg.seed))
+        self.uses_reference = self.dpo.loss != "simpo"
+
+    def build(self) -> None:
+        cfg, settings = self.cfg, self.settings
+        palm, self.model_config, self.tokenizer, self.parent, self.source = policy_source(cfg, "policy", POLICY_STAGES)
+        if settings.max_len > self.model_config.max_seq_len:
+            raise UserError(f"train.max_len ({settings.max_len}) exceeds the model's max_seq_len "
+                            f"({self.model_config.max_seq_len})")
+        spec = apply_lora(palm, cfg.lora, ACTOR)
+        self.lora = {"scopes": spec["scopes"], "active": ACTOR} if spec else {}
+        self.module = Policy(palm, lora=bool(spec))
+
+        self.train_pairs, self.stats = load_preference_pairs(cfg.data, "train")
+        self.val_pairs, _ = load_preference_pairs(cfg.data, "val")
+        micro = int(cfg.train.micro_batch_size)
+        self.order = ShuffledBatches(self.train_pairs, batch_size=micro, pad_id=self.tokenizer.pad_id,
+                                     seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size)
+        on_tasks = str(cfg.data.get("source")) == "tasks"
+        self.task_examples = tasks.make_examples("test", settings.eval_examples, seed=int(cfg.seed),
+                                                 tasks=cfg.data.get("tasks")) if on_tasks else []
+
+        self.facts = {"loss": self.dpo.loss, "beta": self.dpo.beta, "reference": None}
+        self.trainer = Trainer(cfg, self.dist, self.module, stage="dpo", model_config=self.model_config.to_dict(),
+                               tokenizer=self.tokenizer, parent=self.parent,
+                               tokens_per_step=2 * micro * int(cfg.train.grad_accum) * self.dist.world_size
+                               * settings.max_len,
+                               hooks=Hooks(export=export_actor(bool(spec))),
+                               manifest_extra={"lora": self.lora, "dpo": self.facts, "data_stats": self.stats,
+                                               **self.source})
+        self.engine = self.trainer.engine
+
+    # ---- the reference -------------------------------------------------------------------------
+    def reference_digest(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.parent.content_hash if self.parent else self.source,
+                                  self.settings.max_len]).encode())
+        for pair in (*self.train_pairs, *self.val_pairs):
+            digest.update(json.dumps([pair.prompt, pair.chosen, pair.rejected]).encode())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def compute_reference(self, pairs: list[PreferencePair]) -> Tensor:
+        """(N, 2) summed reply log-probs of chosen and rejected under the starting policy."""
+        micro, out = int(self.cfg.train.micro_batch_size), []
+        self.module.eval()
+        for start in range(0, len(pairs), micro):
+            batch = self.to_device(collate(self.tokenizer, pairs[start:start + micro], self.settings.max_len))
+            logits = self.engine(batch.tokens, batch.attention_mask, scope=None)  # the base: adapters off
+            out.append(reply_logprobs(logits, batch).float().view(2, -1).T.cpu())
+        self.module.train()
+        return torch.cat(out)
+
+    def load_reference(self) -> None:
+        """The reference log-probs of every pair: from the run's cache when it matches, else computed now
+        (before any update: the engine still holds the starting policy) and cached."""
+        self.reference = {}
+        if not self.uses_reference:
+            return
+        path, digest = self.trainer.out_dir / REFERENCE_FILE, self.reference_digest()
+        if path.is_file():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    cached = (f.metadata() or {}).get("digest") == digest
+                if cached:
+                    tensors = load_file(path)
+                    self.reference = {"train": tensors["train"], "val": tensors["val"]}
+                    self.facts["reference"] = {"file": REFERENCE_FILE, "computed": False}
+                    return
+            except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+                pass
+        if self.trainer.will_resume():
+            raise UserError(f"resume: {path} is missing or does not match this run's pairs; the reference "
+                            f"cannot be recomputed from a policy that has trained (overwrite=true starts afresh)")
+        self.reference = {"train": self.compute_reference(self.train_pairs),
+                          "val": self.compute_reference(self.val_pairs)}
+        self.facts["reference"] = {"file": REFERENCE_FILE, "computed": True}
+        if self.dist.is_main:
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file(self.reference, str(tmp), metadata={"digest": digest})
+            tmp.replace(path)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def to_device(self, batch: PairTokens) -> PairTokens:
+        return PairTokens(*(t.to(self.dist.device) for t in batch))
+
+    def loss(self, pairs: list[PreferencePair], reference: Tensor | None) -> tuple[Tensor, rl.DPOLoss, dict,
+                                                                                    Tensor, Tensor | None]:
+        """(total loss, the preference loss's parts, scalar stats, reply log-probs (2B,), reference (B, 2))."""
+        batch = self.to_device(collate(self.tokenizer, pairs, self.settings.max_len))
+        logps = reply_logprobs(self.engine(batch.tokens, batch.attention_mask), batch)
+        chosen, rejected = logps.chunk(2)
+        lengths = batch.lengths.chunk(2)
+        ref = reference.to(self.dist.device) if reference is not None else None
+        out = rl.dpo_loss(chosen, rejected, ref[:, 0] if ref is not None else None,
+                          ref[:, 1] if ref is not None else None, kind=self.dpo.loss, beta=self.dpo.beta,
+                          label_smoothing=self.dpo.label_smoothing, chosen_lengths=lengths[0],
+                          rejected_lengths=lengths[1], simpo_gamma=self.dpo.simpo_gamma)
+        nll = -(chosen / lengths[0].clamp(min=1)).mean()  # per token, so long and short replies weigh alike
+        total = out.loss + self.dpo.sft_weight * nll if self.dpo.sft_weight else out.loss
+        chosen_mean, rejected_mean = chosen.detach().mean().item(), rejected.detach().mean().item()
+        stats = {"loss": total.item(), "preference_loss": out.loss.item(), "nll_chosen": nll.item(),
+                 "reward_accuracy": out.accuracy.item(), "reward_margin": out.margin.item(),
+                 "logp_chosen": chosen_mean, "logp_rejected": rejected_mean}
+        return total, out, stats, logps.detach(), ref
+
+    def step(self, step: int) -> dict:
+        accum, totals = self.trainer.train.grad_accum, {}
+        for micro_step in range(accum):
+            idx = self.order.indices((step - 1) * accum + micro_step)
+            reference = self.reference["train"][idx] if self.reference else None
+            total, _, stats, _, _ = self.loss([self.train_pairs[i] for i in idx], reference)
+            self.trainer.backward_step(total)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / accum
+        return totals
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        micro, pairs = int(self.cfg.train.micro_batch_size), self.val_pairs
+        sums: dict[str, float] = {}
+        for start in range(0, len(pairs), micro):
+            chunk = list(range(start, min(start + micro, len(pairs))))
+            reference = self.reference["val"][chunk] if self.reference else None
+            _, _, row, logps, ref = self.loss([pairs[i] for i in chunk], reference)
+            if ref is not None:  # mean log π − log π_ref of a reply: how far the policy moved on this data
+                row["drift"] = (logps - torch.cat([ref[:, 0], ref[:, 1]])).mean().item()
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v * len(chunk)
+        metrics = {k: v / len(pairs) for k, v in sums.items()}
+        if self.task_examples:
+            metrics.update(self.task_metrics(ACTOR))
+        return metrics
+
+    def task_metrics(self, scope: str | None) -> dict:
+        """Greedy checker accuracy, sampled true reward and behaviour rate on held-out task prompts."""
+        new_tokens, seed = self.settings.max_new_tokens, int(self.cfg.seed)
+        with lora_scope(self.module.palm, scope if self.module.lora else None):
+            score = task_score(self.module.palm, self.tokenizer, self.task_examples, max_new_tokens=new_tokens)
+            sampled = sampled_scores(self.module.palm, self.tokenizer, self.task_examples, seed=seed,
+                                     max_new_tokens=new_tokens)
+        self.trainer.manifest_extra["samples"] = score.samples
+        return {"accuracy": score.accuracy, "sampled_reward": sampled.reward, "behaviour_rate": sampled.behaviour,
+                "format_rate": score.format_rate, "response_tokens": score.mean_length}
+
+    def run(self) -> Path:
+        self.build()
+        rows = {"pairs": f"{len(self.train_pairs):,} train, {len(self.val_pairs):,} held out",
+                "loss": f"{self.dpo.loss}, β={self.dpo.beta}"
+                        + (f", label smoothing {self.dpo.label_smoothing}" if self.dpo.label_smoothing else ""),
+                "reference": "none (SimPO is reference-free)" if not self.uses_reference else
+                ("the frozen base, adapters off" if self.module.lora else "the starting policy") +
+                f", log-probs cached in {REFERENCE_FILE}",
+                "LoRA": f"rank {self.lora['scopes'][ACTOR]['rank']}" if self.lora else "none (full fine-tuning)"}
+        self.load_reference()
+        if self.task_examples and not self.trainer.will_resume():
+            before = self.task_metrics(None if self.module.lora else ACTOR)
+            self.trainer.manifest_extra.update({f"init_{k}": v for k, v in before.items()})
+            rows["policy before DPO: accuracy / sampled reward / behaviour rate"] = (
+                f"{before['accuracy']:.4f} / {before['sampled_reward']:.4f} / {before['behaviour_rate']:.4f}")
+        return self.trainer.fit(self.step, self.evaluate, start_rows=rows)
+
+
+def run(cfg: DictConfig) -> Path:
+    return DPORecipe(cfg).run()
+
