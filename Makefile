@@ -43,6 +43,7 @@ lint: install
 bench: install
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_ppo.py
+	$(BIN)/python scripts/bench_rlhf.py
 	$(BIN)/python scripts/bench_rollout_zero3.py
 	$(BIN)/python scripts/bench_plan_memory.py
 	$(BIN)/python scripts/bench_dedup.py

@@ -52,7 +52,7 @@ from palmrl.reward import RewardModel, last_positions, reward_model_from_checkpo
 from palmrl.runtime import Dist, init_distributed, mean_over_ranks, seed_everything
 
 ACTOR, CRITIC, REWARD = "actor", "critic", "reward"
-TRAIN_PROMPT_SAMPLES = 8  # samples per training prompt for its true reward (1,600 with 200 prompts): the demo gate
+TRAIN_PROMPT_SAMPLES = 4  # samples per training prompt for its true reward (800 with 200 prompts)
 POLICY_STAGES = ["sft", "pretrain", "ppo", "grpo", "dpo"]  # what an RL stage may start from
 
 

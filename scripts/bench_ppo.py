@@ -198,13 +198,13 @@ def child_stage(stage: str, overrides: list[str]) -> dict:
     generation: list[tuple[float, int]] = []  # (seconds, tokens) per rollout
     shared_base = None
     if stage == "ppo":
-        import palmrl.stages.ppo as ppo
+        import palmrl.rlhf as ppo  # the recipe PPO runs on (sampling, scoring, models)
         from palmrl import checkpoint
 
         # what the stage will decide: the reward model becomes a scope of the policy's base
         shared_base = int(cfg.lora.rank) > 0 and ppo.same_base(checkpoint.load(cfg.reward), checkpoint.load(cfg.policy))
 
-        inner = ppo.generate  # the stage's own sampler, timed from outside (ppo.py is not changed)
+        inner = ppo.generate  # the stage's own sampler, timed from outside (rlhf.py is not changed)
 
         def timed_generate(*args, **kwargs):
             start = time.perf_counter()

@@ -7,6 +7,7 @@ tests use the session's `tiny_chain` instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -68,14 +69,14 @@ def test_ppo_keeps_true_reward_within_the_kl_bound(pipeline_run):
     The reward model has learnt two things from the embedded preferences: right over wrong, and the
     courteous closing line over none; PPO spends its KL budget mostly on the second, which carries
     to every prompt (test_rl_learns_the_preferred_behaviour_on_held_out_prompts). The true reward on
-    its own 200 first training prompts (8 fresh samples each, before and after) must not fall: the
+    its own 200 first training prompts (4 fresh samples each, before and after) must not fall: the
     gain it made when the preferences held only facts (+0.015-0.04) is now in the noise. On held-out
     prompts it only must not collapse."""
     ppo = manifest(pipeline_run, "ppo")
     sft_acc = manifest(pipeline_run, "sft")["metrics"]["accuracy"]
     assert ppo["init_accuracy"] == pytest.approx(sft_acc, abs=0.02)  # same held-out measure, same policy
     before, after = ppo["init_train_sampled_reward"], ppo["metrics"]["train_sampled_reward"]
-    assert after >= before - 0.03, (before, after)  # 1,600 samples a side: std of the difference ~0.011
+    assert after >= before - 0.03, (before, after)  # 800 samples a side: std of the difference ~0.016
     rows = [json.loads(line) for line in (pipeline_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in rows if r["split"] == "train"]
     assert 0.0 < max(kls) < RL_KL_BOUND, kls  # nats per sequence (measured: up to ~1.2, the closing line's cost)
@@ -252,6 +253,7 @@ def has_digit(prompts, responses):
     return [float(any(c.isdigit() for c in r)) for r in responses]
 
 
+@functools.cache  # the SFT policy's figure is shared by the parametrised runs
 def held_out_mean(ckpt_dir, fn, samples: int = 2) -> float:
     from palmrl import checkpoint, tasks
     from palmrl.checkpoint import policy_from_checkpoint
