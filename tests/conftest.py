@@ -93,6 +93,9 @@ def palmrl_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
 KINDS = ("unit", "integration", "multiproc", "quality")
 
 
+QUALITY_FILES = ("test_pipeline.py", "test_pipeline_rl.py")  # where the gates on the demo pipeline live
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
 def pytest_collection_modifyitems(config, items):
     """Refuse a test without exactly one of the four kinds; run the quality gates last."""
@@ -101,13 +104,15 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"tests without exactly one marker of {'/'.join(KINDS)} (see tests/conftest.py):\n  "
                                 + "\n  ".join(unmarked))
     quality = {id(item): item.get_closest_marker("quality") is not None for item in items}
-    elsewhere = [item.nodeid for item in items if quality[id(item)] and item.path.name != "test_pipeline.py"]
-    if elsewhere:  # `make test` hands whole files to its two workers: the gates must share one file
-        raise pytest.UsageError("quality tests live in tests/test_pipeline.py (one xdist worker runs the demo "
-                                "pipeline for them):\n  " + "\n  ".join(elsewhere))
-    if XDIST_WORKER:  # first: with --dist loadfile the file of the quality gates (test_pipeline.py) goes to one
-        # worker before anything else, so it runs the pipeline while the other worker takes the rest
-        items.sort(key=lambda item: not quality[id(item)])
+    elsewhere = [item.nodeid for item in items if quality[id(item)] and item.path.name not in QUALITY_FILES]
+    if elsewhere:  # `make test` hands whole files to its two workers: the gates must stay in their files
+        raise pytest.UsageError(f"quality tests live in tests/{' or tests/'.join(QUALITY_FILES)} (one xdist worker "
+                                "runs the demo pipeline for them):\n  " + "\n  ".join(elsewhere))
+    if XDIST_WORKER:  # with --dist loadfile whole files go to workers in this order: test_pipeline.py first,
+        # so one worker builds the pipeline while the other takes the rest; test_pipeline_rl.py last, so
+        # whichever worker is free by then runs those gates beside it (waiting for the pipeline if need be)
+        rank = {QUALITY_FILES[0]: 0, QUALITY_FILES[1]: 2}
+        items.sort(key=lambda item: rank.get(item.path.name, 1))
     else:  # one process: the pipeline ran before the first test, its gates run last
         items.sort(key=lambda item: quality[id(item)])
 
@@ -223,7 +228,7 @@ def pipeline_run(_demo_pipeline, tmp_path_factory, pipeline_args):
     reuse = os.environ.get("PALMRL_TEST_PIPELINE_RUN")
     if reuse:
         return Path(reuse)
-    if XDIST_WORKER:  # the quality gates all live in test_pipeline.py: one worker (--dist loadfile) runs it
+    if XDIST_WORKER:  # the first worker to ask builds it (test_pipeline.py comes first); the other waits for it
         return once_per_run(tmp_path_factory, "pipeline",
                             lambda work: BackgroundPipeline(work, pipeline_args).wait(timeout=1800))
     return _demo_pipeline.wait(timeout=1800)
