@@ -227,3 +227,42 @@ def test_dpo_and_grpo_bad_input(tiny_chain, tmp_path, dist_env):
         run_stage("grpo", [f"policy={tiny_chain / 'sft'}", "data=prefs", f"out_dir={tmp_path / 'b'}"])
     with pytest.raises(UserError, match="is a reward checkpoint; expected"):
         run_stage("dpo", [f"policy={tiny_chain / 'reward'}", f"out_dir={tmp_path / 'c'}"])
+
+
+def reply_brevity(prompts, replies):
+    """A reward for the on-policy tests: shorter replies score higher (the tiny chain's replies vary a lot)."""
+    return [-float(len(r)) for r in replies]
+
+
+ON_POLICY = ["dpo.on_policy=true", "reward_fn=test_rlhf.reply_brevity", "dpo.round_steps=2", "dpo.round_prompts=16",
+             "train.micro_batch_size=8", "train.eval_examples=8", "train.eval_every=0", "train.log_every=1",
+             "data.train_size=64", "data.val_size=16", TASKS]
+
+
+@pytest.mark.integration
+def test_on_policy_dpo_ranks_its_own_samples_each_round_and_resumes_exactly(tiny_chain, tmp_path, dist_env):
+    from palmrl import checkpoint
+
+    # rounds of 3 steps, a checkpoint at step 2: the resumed run continues round 0 from its saved pairs
+    common = [f"policy={tiny_chain / 'sft'}", *ON_POLICY, "dpo.round_steps=3", "train.max_steps=4", "train.save_every=2"]
+    whole = run_stage("dpo", [*common, f"out_dir={tmp_path / 'whole'}"])
+    rounds = sorted((whole.parent / "rounds").glob("round-*.json"))
+    assert [p.name for p in rounds] == ["round-00000.json", "round-00001.json"]
+    for path in rounds:  # each pair: the shorter reply chosen, as the reward says
+        pairs = json.loads(path.read_text())["pairs"]
+        assert pairs and all(len(p["chosen"]) < len(p["rejected"]) for p in pairs)
+    rows = [r for r in metrics(whole.parent) if r["split"] == "train"]
+    assert [r["round"] for r in rows] == [0, 0, 0, 1] and all(r["round_pairs"] > 0 for r in rows)
+    assert checkpoint.load(whole).manifest["dpo"]["on_policy"] is True
+
+    run_stage("dpo", [*common, "train.stop_after=2", f"out_dir={tmp_path / 'split'}"])
+    saved = (tmp_path / "split" / "rounds" / "round-00000.json").read_text()
+    resumed = run_stage("dpo", [*common, "resume=auto", f"out_dir={tmp_path / 'split'}"])
+    assert (tmp_path / "split" / "rounds" / "round-00000.json").read_text() == saved  # read, not sampled again
+    a, b = checkpoint.load(whole).adapters(), checkpoint.load(resumed).adapters()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(UserError, match="dpo.on_policy: needs LoRA"):
+        run_stage("dpo", [f"policy={tiny_chain / 'sft'}", *ON_POLICY, "lora=none", f"out_dir={tmp_path / 'full'}"])
+    with pytest.raises(UserError, match="dpo.on_policy: set reward_fn"):
+        run_stage("dpo", [f"policy={tiny_chain / 'sft'}", "dpo.on_policy=true", f"out_dir={tmp_path / 'none'}"])

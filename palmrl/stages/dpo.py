@@ -32,19 +32,22 @@ from torch import Tensor, nn
 
 from palmrl import rl, tasks
 from palmrl.config import Invalid, typed
-from palmrl.data.chat import as_messages, render_chat, render_prompt
+from palmrl.data.chat import as_messages, clean_response, render_chat, render_prompt
 from palmrl.data.instructions import ShuffledBatches
 from palmrl.data.preferences import PreferencePair, load_preference_pairs
 from palmrl.engine import Hooks, Trainer
 from palmrl.errors import UserError
 from palmrl.evaluate import sampled_scores, task_score
+from palmrl.generate import generate_responses, seeded_generator
+from palmrl.io import write_atomic
 from palmrl.model.lora import lora_scope
 from palmrl.model.registry import apply_lora
-from palmrl.rlhf import ACTOR, POLICY_STAGES, export_actor
+from palmrl.rlhf import ACTOR, POLICY_STAGES, export_actor, load_reward_fn, prompt_text
 from palmrl.runtime import init_distributed, seed_everything
 from palmrl.stages.common import policy_source
 
 REFERENCE_FILE = "dpo_reference.safetensors"
+ROUNDS_DIR = "rounds"  # on_policy: each round's pairs and their reference log-probs, written before its first update
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,11 @@ class DPOConfig:
     label_smoothing: float = 0.0    # conservative DPO: the share of labels assumed flipped
     simpo_gamma: float = 0.5        # SimPO's target margin
     sft_weight: float = 0.2         # + this × the chosen replies' NLL per token (Llama 3's 0.2; RPO): keeps them likely
+    on_policy: bool = False         # iterative DPO: each round's pairs are the policy's own samples, ranked
+    round_steps: int = 20           # optimizer steps per round (on_policy)
+    round_prompts: int = 64         # prompts sampled per round (on_policy)
+    samples: int = 4                # responses per prompt; the best and the worst make a pair (on_policy)
+    temperature: float = 1.0        # sampling temperature of the rounds (on_policy)
 
     def __post_init__(self):
         if self.loss not in rl.DPO_LOSSES:
@@ -64,9 +72,14 @@ class DPOConfig:
             raise Invalid("beta", f"must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise Invalid("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        for key in ("simpo_gamma", "sft_weight"):
+        for key in ("simpo_gamma", "sft_weight", "temperature"):
             if getattr(self, key) < 0:
                 raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("round_steps", "round_prompts"):
+            if getattr(self, key) < 1:
+                raise Invalid(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.samples < 2:
+            raise Invalid("samples", f"must be >= 2 (a pair needs two replies), got {self.samples}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,7 @@ class DPORecipe:
         spec = apply_lora(palm, cfg.lora, ACTOR)
         self.lora = {"scopes": spec["scopes"], "active": ACTOR} if spec else {}
         self.module = Policy(palm, lora=bool(spec))
+        self.judge = self.build_judge() if self.dpo.on_policy else None
 
         self.train_pairs, self.stats = load_preference_pairs(cfg.data, "train")
         self.val_pairs, _ = load_preference_pairs(cfg.data, "val")
@@ -169,7 +183,11 @@ class DPORecipe:
         self.task_examples = tasks.make_examples("test", settings.eval_examples, seed=int(cfg.seed),
                                                  tasks=cfg.data.get("tasks")) if on_tasks else []
 
-        self.facts = {"loss": self.dpo.loss, "beta": self.dpo.beta, "reference": None}
+        self.facts = {"loss": self.dpo.loss, "beta": self.dpo.beta, "reference": None, "on_policy": self.dpo.on_policy}
+        if self.dpo.on_policy:
+            self.facts.update(reward=cfg.get("reward"), reward_fn=cfg.get("reward_fn"))
+        self.prompt_pool = list({json.dumps(p.prompt): p.prompt for p in self.train_pairs}.values())  # in order
+        self.rounds: dict[int, tuple[list[PreferencePair], Tensor]] = {}
         self.trainer = Trainer(cfg, self.dist, self.module, stage="dpo", model_config=self.model_config.to_dict(),
                                tokenizer=self.tokenizer, parent=self.parent,
                                tokens_per_step=2 * micro * int(cfg.train.grad_accum) * self.dist.world_size
@@ -223,13 +241,102 @@ class DPORecipe:
         if self.trainer.will_resume():
             raise UserError(f"resume: {path} is missing or does not match this run's pairs; the reference "
                             f"cannot be recomputed from a policy that has trained (overwrite=true starts afresh)")
-        self.reference = {"train": self.compute_reference(self.train_pairs),
+        train = self.train_pairs if not self.dpo.on_policy else []  # on_policy: each round computes its own
+        self.reference = {"train": self.compute_reference(train) if train else torch.zeros(0, 2),
                           "val": self.compute_reference(self.val_pairs)}
         self.facts["reference"] = {"file": REFERENCE_FILE, "computed": True}
         if self.dist.is_main:
             tmp = path.with_name(f".{path.name}.tmp")
             save_file(self.reference, str(tmp), metadata={"digest": digest})
             tmp.replace(path)
+
+    # ---- on-policy rounds (iterative DPO) --------------------------------------------------------
+    def build_judge(self):
+        """What ranks a round's samples: `reward_fn=` or the reward model at `reward=`. With LoRA only:
+        the frozen base is the reference of pairs made from a policy that has moved."""
+        cfg = self.cfg
+        if not self.module.lora:
+            raise UserError("dpo.on_policy: needs LoRA (lora=r8, ...): the frozen base is the reference for the "
+                            "pairs each round samples from a policy that has moved")
+        if self.dpo.loss == "simpo":
+            raise UserError("dpo.on_policy: use dpo.loss=sigmoid or ipo (simpo has no reference to anchor the rounds)")
+        if cfg.get("reward_fn"):
+            return load_reward_fn(str(cfg.reward_fn))
+        if not cfg.get("reward"):
+            raise UserError("dpo.on_policy: set reward_fn=<package.module.function> or reward=<a reward checkpoint> "
+                            "to rank each round's samples")
+        from palmrl import checkpoint
+        from palmrl.reward import reward_model_from_checkpoint, score_texts
+
+        ckpt = checkpoint.load(str(cfg.reward), key="reward", stages=["reward"],
+                               trust_remote_code=bool(cfg.trust_remote_code))
+        if self.parent is not None and ckpt.manifest.get("tokenizer_sha256") != self.parent.manifest.get(
+                "tokenizer_sha256"):
+            raise UserError(f"reward: {ckpt.path} uses a different tokenizer than policy {self.parent.path}")
+        model = reward_model_from_checkpoint(ckpt).requires_grad_(False).to(self.dist.device)
+        return lambda prompts, replies: score_texts(model, self.tokenizer, prompts, replies,
+                                                    max_len=self.settings.max_len).tolist()
+
+    def round_of(self, step: int) -> int:
+        return (step - 1) // self.dpo.round_steps
+
+    def round_data(self, step: int) -> tuple[list[PreferencePair], Tensor]:
+        """Round r's pairs and reference log-probs: from memory, from the run folder (a resumed run), or
+        sampled now — only at the round's first step, when the policy is the one the round starts from."""
+        r = self.round_of(step)
+        if r in self.rounds:
+            return self.rounds[r]
+        self.rounds.clear()
+        folder = self.trainer.out_dir / ROUNDS_DIR
+        pairs_file, ref_file = folder / f"round-{r:05d}.json", folder / f"round-{r:05d}.safetensors"
+        if pairs_file.is_file() and ref_file.is_file():
+            saved = json.loads(pairs_file.read_text())
+            pairs = [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in saved["pairs"]]
+            self.rounds[r] = (pairs, load_file(ref_file)["reference"])
+            return self.rounds[r]
+        if step != r * self.dpo.round_steps + 1:
+            raise UserError(f"resume: {pairs_file} is missing; round {r}'s pairs came from the policy at its start "
+                            f"and cannot be sampled again (overwrite=true starts afresh)")
+        pairs, gap = self.sample_pairs(r)
+        reference = self.compute_reference(pairs)
+        if self.dist.is_main:
+            folder.mkdir(exist_ok=True)
+            tmp = ref_file.with_name(f".{ref_file.name}.tmp")
+            save_file({"reference": reference}, str(tmp))
+            tmp.replace(ref_file)
+            write_atomic(pairs_file, json.dumps({"round": r, "score_gap": gap, "pairs": [
+                {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]}) + "\n")
+        self.rounds[r] = (pairs, reference)
+        return self.rounds[r]
+
+    @torch.no_grad()
+    def sample_pairs(self, r: int) -> tuple[list[PreferencePair], float]:
+        """`round_prompts` prompts (the pool, in turn), `samples` replies to each from the current policy;
+        the best-scored and the worst-scored reply of a prompt make a pair when their scores differ."""
+        d, pool = self.dpo, self.prompt_pool
+        prompts = [pool[(r * d.round_prompts + i) % len(pool)] for i in range(d.round_prompts)]
+        ids = [render_prompt(self.tokenizer, as_messages(p)) for p in prompts for _ in range(d.samples)]
+        self.module.eval()
+        with lora_scope(self.module.palm, ACTOR):
+            replies = generate_responses(
+                self.module.palm, ids, batch_size=64, max_new_tokens=self.settings.max_new_tokens,
+                temperature=d.temperature, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                generator=seeded_generator(int(self.cfg.seed) * 1_000_003 + r, self.dist.device))
+        self.module.train()
+        texts = [clean_response(self.tokenizer, reply)[0] for reply in replies]
+        scores = [float(x) for x in self.judge([prompt_text(p) for p in prompts for _ in range(d.samples)], texts)]
+        pairs, gaps = [], []
+        for i, prompt in enumerate(prompts):
+            group = sorted(zip(scores[i * d.samples:(i + 1) * d.samples], texts[i * d.samples:(i + 1) * d.samples]),
+                           key=lambda x: x[0])
+            (low, worst), (high, best) = group[0], group[-1]
+            if high > low and best.strip() != worst.strip():
+                pairs.append(PreferencePair(prompt, best, worst))
+                gaps.append(high - low)
+        if not pairs:
+            raise UserError(f"dpo.on_policy: round {r} made no pair (every prompt's {d.samples} samples scored "
+                            f"alike); raise dpo.samples or dpo.temperature")
+        return pairs, sum(gaps) / len(gaps)
 
     # ---- the loop ------------------------------------------------------------------------------
     def to_device(self, batch: PairTokens) -> PairTokens:
@@ -255,12 +362,26 @@ class DPORecipe:
                  "logp_chosen": chosen_mean, "logp_rejected": rejected_mean}
         return total, out, stats, logps.detach(), ref
 
+    def batch(self, step: int, micro_step: int) -> tuple[list[PreferencePair], Tensor | None, dict]:
+        """This micro-step's pairs and reference: the data's (a pure function of the step), or the round's."""
+        accum = self.trainer.train.grad_accum
+        if not self.dpo.on_policy:
+            idx = self.order.indices((step - 1) * accum + micro_step)
+            return [self.train_pairs[i] for i in idx], self.reference["train"][idx] if self.reference else None, {}
+        pairs, reference = self.round_data(step)
+        r, micro = self.round_of(step), int(self.cfg.train.micro_batch_size)
+        shuffle = torch.Generator(device="cpu").manual_seed(int(self.cfg.seed) + r)  # the round's order, every rank
+        order = torch.randperm(len(pairs), generator=shuffle).tolist()
+        k = ((step - 1) % self.dpo.round_steps * accum + micro_step) * self.dist.world_size + self.dist.rank
+        idx = [order[(k * micro + j) % len(pairs)] for j in range(micro)]
+        return [pairs[i] for i in idx], reference[idx], {"round": r, "round_pairs": len(pairs)}
+
     def step(self, step: int) -> dict:
         accum, totals = self.trainer.train.grad_accum, {}
         for micro_step in range(accum):
-            idx = self.order.indices((step - 1) * accum + micro_step)
-            reference = self.reference["train"][idx] if self.reference else None
-            total, _, stats, _, _ = self.loss([self.train_pairs[i] for i in idx], reference)
+            pairs, reference, extra = self.batch(step, micro_step)
+            total, _, stats, _, _ = self.loss(pairs, reference)
+            stats.update(extra)
             self.trainer.backward_step(total)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
