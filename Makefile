@@ -41,6 +41,9 @@ lint: install
 	$(BIN)/hadolint docker/Dockerfile
 
 bench: install
+	# the reference implementation, under the same torch constraint (scripts/bench_stages.py loads only its PaLM)
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[bench]"
+	$(BIN)/python scripts/bench_stages.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_ppo.py
 	$(BIN)/python scripts/bench_rlhf.py

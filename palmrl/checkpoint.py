@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import palmrl
@@ -115,6 +115,22 @@ class Checkpoint:
             return load_file(self._verified(WEIGHTS))
         except SafetensorError as err:
             raise UserError(f"checkpoint {self.path}: unreadable {WEIGHTS}: {err}") from None
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape in model.safetensors, from its header alone (nothing loaded, not yet
+        verified: `weights()` verifies); {} when the header is unreadable (`weights()` says why)."""
+        return self._header_shapes(WEIGHTS)
+
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """As `weight_shapes`, for adapters.safetensors ({} without one)."""
+        return self._header_shapes(ADAPTERS) if ADAPTERS in self.manifest.get("files", {}) else {}
+
+    def _header_shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        try:
+            with safe_open(self.path / name, framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except (SafetensorError, OSError):
+            return {}
 
     def adapters(self) -> dict[str, torch.Tensor]:
         if ADAPTERS not in self.manifest.get("files", {}):
@@ -264,7 +280,13 @@ def attach_adapters(model, ckpt: Checkpoint) -> list[str]:
     scopes = lora.get("scopes", {})
     if not scopes:
         return []
+    shapes = ckpt.adapter_shapes()
     for scope, spec in scopes.items():
+        # the recorded rank against the saved adapters, before any are allocated (an edited manifest)
+        saved = {shape[0] for name, shape in shapes.items() if name.endswith(f".lora_A.{scope}")}
+        if shapes and saved != {int(spec["rank"])}:
+            raise UserError(f"checkpoint {ckpt.path}: the manifest gives LoRA scope '{scope}' rank {spec['rank']} but "
+                            f"{ADAPTERS} holds rank {', '.join(map(str, sorted(saved))) or 'none'}")
         add_lora(model, scope, LoRAConfig(rank=int(spec["rank"]), alpha=float(spec["alpha"]),
                                           dropout=0.0, targets=tuple(spec["targets"])))
     load_lora_state_dict(model, ckpt.adapters())
@@ -278,11 +300,38 @@ def model_from_checkpoint(ckpt: Checkpoint, *, adapters: bool = True):
     if getattr(config, "family", None) == "hf" and needs_remote_code(config) and not ckpt.trust_remote_code:
         raise UserError(f"checkpoint {ckpt.path}: its model needs its own modelling code (auto_map); palmrl "
                         f"runs it only when you pass trust_remote_code=true on the command line")
+    if getattr(config, "family", None) != "hf":
+        check_fits_weights(config, ckpt.weight_shapes(), where=str(ckpt.path))
     model = build_model(config, trust_remote_code=ckpt.trust_remote_code)
     load_trunk_weights(model, ckpt.weights(), where=str(ckpt.path))
     if adapters:
         attach_adapters(model, ckpt)
     return model
+
+
+def check_fits_weights(config, shapes: Mapping[str, tuple[int, ...]], *, where: str) -> None:
+    """A PaLM model.yaml against its weights' shapes, before the model is allocated: a model.yaml whose
+    sizes were edited (depth 10**9, a huge dim) is refused instead of exhausting memory. The model is
+    built on the meta device (shapes, no storage) once its depth is known to match the file's."""
+    if not shapes:
+        return
+    layers = {name.split(".")[1] for name in shapes if name.startswith("layers.")}
+    if config.depth != len(layers):
+        raise UserError(f"{where}: model.yaml says depth {config.depth} but {WEIGHTS} holds {len(layers)} layers")
+    embedding = shapes.get("token_emb.weight")
+    if embedding is not None and embedding != (config.vocab_size, config.dim):
+        raise UserError(f"{where}: model.yaml says vocab_size {config.vocab_size} and dim {config.dim} but the token "
+                        f"embedding in {WEIGHTS} is {embedding[0]} x {embedding[1]}")
+    try:
+        with torch.device("meta"):
+            model = build_model(config)
+    except (RuntimeError, ValueError, OverflowError) as err:
+        reason = str(err).splitlines()[0]
+        raise UserError(f"{where}: model.yaml describes no model that can be built: {reason}") from None
+    for name, param in model.named_parameters():
+        if name in shapes and tuple(param.shape) != shapes[name]:
+            raise UserError(f"{where}: tensor '{name}' has shape {shapes[name]}, the model in model.yaml "
+                            f"expects {tuple(param.shape)}")
 
 
 def needs_remote_code(config) -> bool:

@@ -39,7 +39,7 @@ from palmrl.config import check_training_config
 from palmrl.errors import Preempted, TrainingDiverged, UserError
 from palmrl.io import FolderLock, write_atomic
 from palmrl.model.registry import set_activation_checkpointing
-from palmrl.runtime import Dist, any_rank, barrier, stage_seconds
+from palmrl.runtime import Dist, any_rank, barrier, process_seconds, stage_seconds
 from palmrl.tracking import Tracker
 
 DS_DIR = "deepspeed"
@@ -428,6 +428,10 @@ class Trainer:
             "steps": f"{start} → {self.max_steps}",
             **dict(start_rows or {}),
         })
+        startup = process_seconds()  # process start → the first step: what every command makes a user wait
+        self.manifest_extra["startup_s"] = round(startup, 2)
+        if self.dist.is_main:
+            self.tracker.note_plain(f"first step after {startup:.1f} s (imports, DeepSpeed, data, model)")
         self.tracker.start(start)
         self.engine.train()
         window_t, window_tokens = time.perf_counter(), 0

@@ -10,6 +10,10 @@ padded after it; the loop ends when every row has stopped or `max_new_tokens` is
 streams text and stops rows at stop strings); `generate` runs it to the end, and
 `generate_responses` runs `generate` over many prompts a batch at a time (evaluation, `palmrl sample`).
 
+The model is called as `model(tokens, attention_mask=, cache=, last_only=True)` and returns logits
+(B, 1, V) of the last position (PaLM and the Hugging Face wrapper both do; `new_cache(B, max_len)`
+makes the cache).
+
 `use_cache=False` recomputes the full forward at each step: same tokens, much slower (the baseline
 of scripts/bench_train.py).
 """
@@ -160,13 +164,13 @@ class Decoder:
         if self.steps == 0:
             if self.use_cache:
                 self._cache = self.model.new_cache(self.tokens.shape[0], self.prompt_length + self.max_new_tokens)
-            return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache)[:, -1]
+            return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache, last_only=True)[:, -1]
         if self.use_cache:
             return self.model(self._last[:, None], attention_mask=self.response_mask[:, self.steps - 1:self.steps],
-                              cache=self._cache)[:, -1]
+                              cache=self._cache, last_only=True)[:, -1]
         so_far = torch.cat((self.tokens, self.response[:, :self.steps]), dim=1)
         mask_so_far = torch.cat((self.prompt_mask, self.response_mask[:, :self.steps]), dim=1)
-        return self.model(so_far, attention_mask=mask_so_far)[:, -1]
+        return self.model(so_far, attention_mask=mask_so_far, last_only=True)[:, -1]
 
     def generation(self) -> Generation:
         """The prompts and the steps taken so far."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,7 +178,8 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        init_train_sampled_reward=_number(extra.get("init_train_sampled_reward")),
                        sampled_reward=_number(val.get("sampled_reward")),
                        init_sampled_reward=_number(extra.get("init_sampled_reward")),
-                       train_window=window, train_first=pick(train[:window]), train_last=pick(train[-window:]))
+                       train_window=window, train_first=pick(train[:window]), train_last=pick(train[-window:]),
+                       phases=iteration_phases(train))
         elif name == "dpo":
             row.update(accuracy=_number(val.get("accuracy")), init_accuracy=_number(extra.get("init_accuracy")),
                        sampled_reward=_number(val.get("sampled_reward")),
@@ -191,6 +193,35 @@ def summarise(stages: dict[str, StageRun]) -> dict[str, dict]:
                        wall_s=_number(extra.get("wall_s")))
         out[name] = row
     return out
+
+
+PHASES = ("generate", "score", "update")  # an online RL iteration: the stage's time_<phase>_s metrics
+
+
+def iteration_phases(train: Sequence[dict]) -> dict[str, float] | None:
+    """Median seconds of each phase of an online RL iteration (iteration 1, the warm-up, left out
+    when there are more), or None for runs that did not log them."""
+    rows = [m for m in train if all(f"time_{p}_s" in m for p in PHASES)]
+    rows = rows[1:] if len(rows) > 1 else rows
+    if not rows:
+        return None
+    return {p: statistics.median(float(m[f"time_{p}_s"]) for m in rows) for p in PHASES}
+
+
+def phase_rows(summary: dict[str, dict]) -> list[tuple[str, ...]]:
+    """Where an online RL iteration's time goes: seconds and share of each phase."""
+    rows = []
+    for name in ("ppo", "grpo"):
+        phases = (summary.get(name) or {}).get("phases")
+        if not phases:
+            continue
+        total = sum(phases.values())
+        rows.append((name, *(f"{phases[p]:.2f} s ({phases[p] / total:.0%})" for p in PHASES), f"{total:.2f} s"))
+    return rows
+
+
+PHASE_HEADER = ("stage", "generate (sampling)", "score (policy, reference, reward)", "update (optimizer steps)",
+                "iteration")
 
 
 def _tokenizer_summary(folder: Path) -> dict:
@@ -645,6 +676,11 @@ def markdown(data: dict, plots: Sequence[Path], out_dir: Path) -> str:
                   "\"Hope this helps!\" (`palmrl.tasks.behaviour`), the true reward is the task checker's, sampled.",
                   "",
                   *_md_table(RL_HEADER, rl), ""]
+    phases = phase_rows(data["stages"])
+    if phases:
+        lines += ["## Where an RL iteration's time goes", "",
+                  "Median seconds per iteration (the first, a warm-up, left out) from the stage's `time_*_s` metrics.",
+                  "", *_md_table(PHASE_HEADER, phases), ""]
     result = data["best_of_n"]
     if result is not None:
         lines += ["## Best-of-n", "",
@@ -711,14 +747,16 @@ def print_report(data: dict, console=None) -> None:
     for row in key_rows(data["stages"]):
         table.add_row(*cells(row))
     console.print(table)
-    rl = rl_rows(data["stages"])
-    if rl:
-        table = Table(title="RL stages side by side (from the same SFT policy: before → after)", title_justify="left")
-        for column in RL_HEADER:
-            table.add_column(column)
-        for row in rl:
-            table.add_row(*cells(row))
-        console.print(table)
+    for title, header, rows in (
+            ("RL stages side by side (from the same SFT policy: before → after)", RL_HEADER, rl_rows(data["stages"])),
+            ("where an RL iteration's time goes (median seconds)", PHASE_HEADER, phase_rows(data["stages"]))):
+        if rows:
+            table = Table(title=title, title_justify="left")
+            for column in header:
+                table.add_column(column)
+            for row in rows:
+                table.add_row(*cells(row))
+            console.print(table)
     if data["best_of_n"] is not None:
         result = data["best_of_n"]
         table = Table(title=f"best-of-n ({result['policy']} policy, {result['prompts']} held-out prompts)",

@@ -343,7 +343,9 @@ class OnlineRecipe(ABC):
             raise TrainingDiverged(f"{self.stage}: mean KL {stats['kl']:.2f} exceeds {self.stage}.max_kl="
                                    f"{self.ppo.max_kl} at iteration {step}; {self.trainer.last_good()} (lower optim.lr "
                                    f"or raise {knob})")
+        t0 = time.perf_counter()
         sums = self.update(step, data)
+        stats["time_update_s"] = time.perf_counter() - t0
         self.kl_ctl.update(stats["kl"], self.ppo.rollout_batch * self.dist.world_size)
         return {**stats, **sums}
 
@@ -367,6 +369,7 @@ class OnlineRecipe(ABC):
         rollout_s = time.perf_counter() - t0
         seq, attn, mask = out.sequences.to(device), out.attention_mask.to(device), out.response_mask.to(device)
         P = out.prompt_length
+        t0 = time.perf_counter()
 
         # sampling-time log-probs and values, the reference's log-probs, the scores
         logits, values = self.engine(seq, attn)
@@ -378,12 +381,15 @@ class OnlineRecipe(ABC):
         texts = [clean_response(self.tokenizer, ids)[0] for ids in response_ids]
         scored = rl.sequence_scores(self.score(batch_prompts, seq, attn, texts), torch.tensor(ended),
                                     missing_eos_penalty=ppo.missing_eos_penalty, clip=ppo.score_clip)
+        score_s = time.perf_counter() - t0
         models.module.train()
 
         stats = {"reward": scored.penalised.mean().item(),
                  "entropy": rl.masked_mean(rl.entropy_from_logits(response_slice(logits, P)), mask).item(),
                  "response_tokens": mask.sum(1).float().mean().item(), "eos_rate": sum(ended) / len(ended),
-                 "rollout_tokens_per_s": sampled_tokens / max(rollout_s, 1e-9)}
+                 "rollout_tokens_per_s": sampled_tokens / max(rollout_s, 1e-9),
+                 # where an iteration's time goes (the update's share is added by step)
+                 "time_generate_s": rollout_s, "time_score_s": score_s}
         if self.on_tasks:  # the checker's verdict on what was sampled, and how often it shows the behaviour
             prompts = [prompt_text(x) for x in batch_prompts]
             stats["true_reward"] = sum(tasks.checker(prompts, texts)) / len(texts)

@@ -79,7 +79,29 @@ def inference_placement(device: str, precision: str, *, key: str = "") -> tuple[
         return where, torch.bfloat16 if bf16 else torch.float32
     if precision not in ("fp32", "bf16"):
         raise UserError(f"{key}precision must be auto, fp32 or bf16, got {precision!r}")
+    warn_slow_bf16(where, precision, key=f"{key}precision")
     return where, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks for reuse instead of returning them to the OS.
+
+    A training step frees and reallocates the same large activations every step; with glibc's
+    defaults each block above its mmap threshold comes back as fresh zeroed pages, and the page
+    faults cost ~10% of a CPU step (scripts/bench_train.py measures it). Blocks below 32 MiB (glibc's
+    largest mmap threshold) then come from the heap, which is trimmed only past 1 GiB of free top.
+    Process-wide; a no-op where glibc is absent. PALMRL_MALLOPT=0 turns it off."""
+    if os.environ.get("PALMRL_MALLOPT", "1") == "0":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all(libc.mallopt(option, value) == 1 for option, value in (
+        (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
 def init_distributed() -> Dist:
@@ -100,6 +122,7 @@ def init_distributed() -> Dist:
         allow_tf32()
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # CPU training reallocates the same activations every step
 
     import logging
 
@@ -184,6 +207,19 @@ def _resolve_out_dir(stage: str, cfg: DictConfig) -> None:
 
 
 _stage_started = [time.perf_counter()]
+_imported = time.time()  # fallback start of this process where /proc is missing
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: its start time in /proc), else since palmrl was
+    imported: what a user waits for, Python's and torch's imports included."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _imported
 
 
 def stage_seconds() -> float:
@@ -214,7 +250,27 @@ def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path],
                                 f"use resume=auto to continue the newest one")
         with open_dict(cfg):  # decided here, so the run's config.yaml and manifests say which
             cfg.precision = training_precision(str(cfg.precision))
+        if not torch.cuda.is_available():
+            warn_slow_bf16("cpu", str(cfg.precision))
     return runner(cfg)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Without them torch
+    runs bf16 matmuls through a slow path: ~1 GFLOP/s against ~120 in fp32 on a 2-core AVX2 EPYC."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [check for check in checks if check is not None]
+    return not checks or any(check() for check in checks)  # unknown (an older torch): assume it has
+
+
+def warn_slow_bf16(where: torch.device | str, precision: str, *, key: str = "precision") -> None:
+    """A warning on stderr when bf16 is asked for on a CPU without bf16 instructions."""
+    if precision == "bf16" and torch.device(where).type == "cpu" and not cpu_has_fast_bf16():
+        import sys
+
+        print(f"palmrl: warning: {key}=bf16 on a CPU without bf16 instructions "
+              f"({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX): its matmuls run ~100x slower than "
+              f"fp32 here; {key}=fp32 is the fast choice on this machine", file=sys.stderr, flush=True)
 
 
 def training_precision(precision: str) -> str:

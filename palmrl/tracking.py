@@ -116,6 +116,11 @@ class Tracker:
         if self.enabled:
             console.print(f"[yellow]{self.stage}: {escape(text)}[/]")
 
+    def note_plain(self, text: str) -> None:
+        """One dim informational line in the console (not a metric)."""
+        if self.enabled:
+            console.print(f"[dim]{self.stage}: {escape(text)}[/]")
+
     def advance(self, step: int) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step)

@@ -21,7 +21,6 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -34,29 +33,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from palmrl.generate import generate  # noqa: E402
 from palmrl.model.palm import ModelConfig, PaLM  # noqa: E402
+from palmrl.runtime import keep_freed_memory  # noqa: E402
 
 BENCH = ModelConfig(vocab_size=8192, dim=256, depth=6, heads=8, dim_head=32, kv_heads=1,
                     max_seq_len=512)  # 512: room for a 16-token prompt + 256 new tokens
 BATCH, SEQ = 8, 256
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks instead of returning them to the OS (the largest it allows).
-
-    A training step frees and reallocates the same large activations every step; by default each
-    one comes back as fresh pages, and the page faults cost ~10% of a step here. Process-wide and
-    one-way, so it is applied after the default-allocator rows.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return all(libc.mallopt(option, value) == 1 for option, value in (
-        (M_MMAP_THRESHOLD, 32 << 20),  # blocks below 32 MiB (glibc's maximum) come from the heap
-        (M_TRIM_THRESHOLD, 1 << 30),  # never shrink the heap below 1 GiB of free memory
-        (M_TOP_PAD, 64 << 20),  # grow the heap 64 MiB at a time
-    ))
 
 
 def median_time(fn, repeats: int, warmup: int = 2) -> float:

@@ -115,3 +115,62 @@ def test_mutated_checkpoint_metadata_loads_or_is_one_user_error(pristine, tmp_pa
         checkpoint.model_from_checkpoint(ckpt)
     except UserError:
         pass
+
+
+@pytest.mark.parametrize("key,value", [("depth", 10**9), ("dim", 2**40), ("vocab_size", 2**62), ("heads", 2**31),
+                                       ("ff_mult", 10**12)])
+def test_model_yaml_sizes_are_checked_against_the_weights_before_anything_is_allocated(pristine, tmp_path, key, value):
+    """A model.yaml whose sizes were edited (hashes made to agree) is refused from the weights' header:
+    building depth 10**9 first exhausted the machine's memory (found by the fuzz above)."""
+    import hashlib
+    import json
+    import resource
+    import shutil
+
+    import yaml
+
+    from palmrl import checkpoint
+    from palmrl.errors import UserError
+
+    folder = tmp_path / "final"
+    shutil.copytree(pristine, folder)
+    config = yaml.safe_load((folder / "model.yaml").read_text())
+    config[key] = value
+    text = yaml.safe_dump(config)
+    (folder / "model.yaml").write_text(text)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.yaml"] = hashlib.sha256(text.encode()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(UserError, match=key if key in ("depth", "dim", "vocab_size") else "shape"):
+        checkpoint.model_from_checkpoint(checkpoint.load(folder))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024  # KiB: nothing big was built
+
+
+def test_a_lora_rank_edited_in_the_manifest_is_refused_before_the_adapters_are_built(tmp_path):
+    import json
+
+    import torch
+
+    from palmrl import checkpoint
+    from palmrl.errors import UserError
+    from palmrl.model.lora import LoRAConfig, add_lora
+    from palmrl.model.palm import ModelConfig, PaLM
+    from palmrl.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+    model = PaLM(config)
+    spec = LoRAConfig(rank=4, alpha=8.0)
+    add_lora(model, "actor", spec)
+    weights, adapters = checkpoint.export_split({k: v.detach() for k, v in model.state_dict().items()})
+    lora = {"scopes": {"actor": {"rank": 4, "alpha": 8.0, "targets": list(spec.targets)}}, "active": "actor"}
+    folder = checkpoint.save(tmp_path / "final", stage="sft", step=0, weights=weights, adapters=adapters,
+                             model_config=config.to_dict(), tokenizer=tokenizer, config={}, extra={"lora": lora})
+    loaded = checkpoint.model_from_checkpoint(checkpoint.load(folder))  # as saved: loads
+    assert torch.equal(loaded.layers[0].fused_proj.lora_A["actor"], model.layers[0].fused_proj.lora_A["actor"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["lora"]["scopes"]["actor"]["rank"] = 10**9
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="rank 1000000000 but adapters.safetensors holds rank 4"):
+        checkpoint.model_from_checkpoint(checkpoint.load(folder))

@@ -235,3 +235,26 @@ def test_generate_responses_batches_from_one_stream():
         out = generate(model, prompts[start:start + 4], max_new_tokens=6, eos_id=17, generator=g)
         expected += [out.sequences[r, out.prompt_length:][out.response_mask[r]].tolist() for r in range(len(out.sequences))]
     assert batched == expected and len(batched) == len(prompts)
+
+
+def test_sample_ignore_eos_takes_every_token_and_reports_its_speed(tmp_path, capsys):
+    """`palmrl sample ignore_eos=true` (benchmarks) gives every response max_new_tokens tokens, and
+    sample ends with one stderr line of responses, tokens and tokens/s."""
+    import json
+
+    from test_serve import tiny_checkpoint
+
+    from palmrl.runtime import run_stage
+    from palmrl.stages import sample
+
+    from conftest import compose
+
+    ckpt = tiny_checkpoint(tmp_path)
+    out = tmp_path / "out.jsonl"
+    cfg = compose("sample", [f"ckpt={ckpt}", "prompt=hi", "num_samples=3", "max_new_tokens=12", "ignore_eos=true",
+                             "format=jsonl", f"output={out}"])
+    run_stage("sample", cfg, sample.run)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [12, 12, 12]
+    err = capsys.readouterr().err
+    assert "sample: 3 responses, 36 tokens in" in err and "tokens/s (cpu, float32" in err

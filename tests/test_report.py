@@ -44,7 +44,8 @@ PRETRAIN_VAL = {"loss": 4.5, "perplexity": 90.0, "unigram_loss": 5.25}
 SFT_VAL = {"loss": 2.0, "accuracy": 0.25, "format_rate": 0.9, "response_tokens": 3.0}
 REWARD_VAL = {"loss": 0.6, "accuracy": 0.75, "margin": 0.4, "score_mean": 0.1, "score_std": 1.2}
 PPO_TRAIN = [{"step": i, "split": "train", "reward": 0.1 * i, "true_reward": 0.2 + 0.1 * i, "kl": 0.5 * i,
-              "kl_coef": 0.05, "entropy": 3.0 - 0.1 * i, "response_tokens": 4.0, "eos_rate": 1.0} for i in (1, 2, 3)]
+              "kl_coef": 0.05, "entropy": 3.0 - 0.1 * i, "response_tokens": 4.0, "eos_rate": 1.0,
+              "time_generate_s": 2.0 * i, "time_score_s": 1.0, "time_update_s": 0.5 + i} for i in (1, 2, 3)]
 PPO_VAL = {"accuracy": 0.5, "format_rate": 1.0, "response_tokens": 3.5}
 
 
@@ -124,6 +125,9 @@ def test_report_of_a_full_run(tmp_path):
     ppo = stages["ppo"]
     assert ppo["iterations"] == 3 and ppo["accuracy"] == 0.5 and ppo["init_accuracy"] == 0.25
     assert ppo["train_first"]["true_reward"] == pytest.approx(0.3) and ppo["train_last"]["kl"] == pytest.approx(1.5)
+    # the phases: medians of iterations 2-3 (iteration 1 is a warm-up), and their table
+    assert ppo["phases"] == {"generate": 5.0, "score": 1.0, "update": 3.0}
+    assert "| ppo | 5.00 s (56%) | 1.00 s (11%) | 3.00 s (33%) | 9.00 s |" in md
 
     # best-of-n of the ppo policy ranked by the reward model: nested groups make the picked RM
     # score and the oracle non-decreasing in n; n = 1 has nothing to pick from

@@ -182,7 +182,7 @@ class ScriptedModel(torch.nn.Module):
     def new_cache(self, batch_size: int, max_len: int):
         self.steps = 0
 
-    def forward(self, tokens, attention_mask=None, cache=None):
+    def forward(self, tokens, attention_mask=None, cache=None, last_only=False):
         logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.vocab_size)
         for row, ids in enumerate(self.script):
             logits[row, -1, ids[min(self.steps, len(ids) - 1)]] = 1.0

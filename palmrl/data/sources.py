@@ -30,14 +30,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from palmrl.data import embedded
 from palmrl.errors import UserError
 from palmrl.io import check_json_depth
 
 # the json builder logs "Failed to load JSON ..." before raising; we raise a better error instead
 logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+
+
+def _datasets():
+    """`datasets`, imported when a source first needs it (~1 s): a run whose tokenised data is cached
+    never pays for it."""
+    import datasets
+
+    return datasets
 
 FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # extension -> builder
 DEFAULTS: dict[str, Any] = {
@@ -164,7 +170,7 @@ def _records_with_origin(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
 
 def _embedded_records(name: str) -> Iterator[tuple[str, dict]]:
     # in-memory Arrow table: the same record types as the other sources, nothing written to disk
-    table = datasets.Dataset.from_list(list(embedded.embedded_records(name)))
+    table = _datasets().Dataset.from_list(list(embedded.embedded_records(name)))
     for record in table:
         yield f"embedded corpus {name!r}", record
 
@@ -181,12 +187,12 @@ def _local_records(paths: list[Path], streaming: bool, sample_by: str) -> Iterat
         options = {"sample_by": sample_by} if builder == "text" else {}
         try:
             with _quiet_datasets():
-                table = datasets.load_dataset(
+                table = _datasets().load_dataset(
                     builder, data_files=str(path), split="train", streaming=streaming, **options
                 )
             for record in table:  # streaming reads (and fails) here, not in load_dataset
                 yield str(path), record
-        except (datasets.exceptions.DatasetGenerationError, ValueError, RecursionError) as exc:
+        except (_datasets().exceptions.DatasetGenerationError, ValueError, RecursionError) as exc:
             if builder != "parquet":
                 check_utf8(path)
             bad_line = find_malformed_json(path) if builder == "json" else None
@@ -202,7 +208,7 @@ def _hf_records(data_cfg: Mapping) -> Iterator[tuple[str, dict]]:
         raise UserError("data.name is not set; source=hf needs a Hugging Face dataset name")
     try:
         with _quiet_datasets():
-            table = datasets.load_dataset(
+            table = _datasets().load_dataset(
                 name, _get(data_cfg, "hf_config"), split=_get(data_cfg, "split"), streaming=_get(data_cfg, "streaming")
             )
     except (ConnectionError, FileNotFoundError, ValueError) as exc:
@@ -279,20 +285,20 @@ def _root_cause(exc: BaseException) -> str:
 
 def _holds_no_records(exc: Exception) -> bool:
     """`datasets`' ways of failing on a file without records (blank lines only)."""
-    no_schema = isinstance(exc.__cause__, datasets.arrow_writer.SchemaInferenceError)  # text builder
+    no_schema = isinstance(exc.__cause__, _datasets().arrow_writer.SchemaInferenceError)  # text builder
     return no_schema or "corresponds to no data" in str(exc)  # json builder
 
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Hide `datasets`' "Generating train split" bars while it reads; restore them after."""
-    was_disabled = datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
+    was_disabled = _datasets().utils.are_progress_bars_disabled()
+    _datasets().disable_progress_bars()
     try:
         yield
     finally:
         if not was_disabled:
-            datasets.enable_progress_bars()
+            _datasets().enable_progress_bars()
 
 
 def _get(data_cfg: Mapping, key: str) -> Any:

@@ -381,7 +381,9 @@ class PaLM(nn.Module):
             positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
             causal_sdpa = False
         if not causal_sdpa:
-            allowed = allowed.repeat_interleave(G, dim=1)[:, None]  # (B|1, 1, T*G, S), query row t*G + g
+            # (B|1, 1, T*G, S), query row t*G + g; one new token (decoding): its G rows share one pattern,
+            # (B, 1, 1, S) broadcasts over them
+            allowed = allowed[:, None] if T == 1 else allowed.repeat_interleave(G, dim=1)[:, None]
             bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
             bias = bias.masked_fill(~allowed, float("-inf"))  # additive: 0 = may attend
         rotary = self.rotary(positions, x.dtype)
@@ -435,11 +437,12 @@ class PaLM(nn.Module):
         """hidden (B, T, D) -> logits (B, T, V) through the embedding matrix (tied weights)."""
         return F.linear(hidden, self.token_emb.weight)
 
-    def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None, targets: Tensor | None = None, ignore_index: int = -100) -> Tensor:
-        """tokens (B, T) long -> logits (B, T, V); with targets (B, T): their mean cross-entropy (fp32),
-        computed in chunks without the full logits (model/loss.py)."""
+    def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                targets: Tensor | None = None, ignore_index: int = -100, last_only: bool = False) -> Tensor:
+        """tokens (B, T) long -> logits (B, T, V); `last_only`: the last position's only (B, 1, V), what
+        decoding needs (a prompt's other positions skip the output projection); with targets (B, T):
+        their mean cross-entropy (fp32), computed in chunks without the full logits (model/loss.py)."""
         hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
         if targets is not None:
             return cross_entropy(hidden, self.token_emb.weight, targets, ignore_index=ignore_index)
-        return self.logits(hidden)
+        return self.logits(hidden[:, -1:] if last_only else hidden)

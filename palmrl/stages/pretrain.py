@@ -104,6 +104,8 @@ class PretrainRecipe:
         # ZeRO-3 on several ranks: build the model partitioned (zero.Init), so no rank ever holds all
         # of it in fp32; a model continued from init_from is built whole to load its weights
         partitioned = int(cfg.zero.stage) == 3 and dist.world_size > 1 and self.parent is None
+        if self.parent is not None:  # its model.yaml against its weights, before anything is allocated
+            checkpoint.check_fits_weights(self.model_config, self.parent.weight_shapes(), where=str(self.parent.path))
         with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, dist.world_size)) if partitioned \
                 else contextlib.nullcontext():
             model = PaLM(self.model_config)

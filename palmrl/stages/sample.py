@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -86,11 +87,18 @@ def run(cfg: DictConfig) -> Path | None:
     chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
 
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    start = time.perf_counter()
     responses = generate_responses(model, [encode_prompt(tokenizer, p, chat) for _, p in jobs], batch_size=BATCH,
                                    max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-                                   top_k=int(cfg.top_k), top_p=float(cfg.top_p), eos_id=tokenizer.eos_id,
-                                   pad_id=tokenizer.pad_id,
+                                   top_k=int(cfg.top_k), top_p=float(cfg.top_p),
+                                   eos_id=None if cfg.ignore_eos else tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                    generator=seeded_generator(int(cfg.seed), model_device(model)))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in responses)
+    print(f"sample: {len(responses)} responses, {tokens:,} tokens in {seconds:.2f} s: "
+          f"{tokens / max(seconds, 1e-9):,.0f} tokens/s ({device.type}, {str(dtype).removeprefix('torch.')}, "
+          f"up to {BATCH} rows per batch)",
+          file=sys.stderr, flush=True)
     records = []
     for (index, prompt), ids in zip(jobs, responses):
         text, well_formed = decode_response(tokenizer, ids)
