@@ -102,7 +102,9 @@ def test_rl_learns_the_preferred_behaviour_on_held_out_prompts(pipeline_run, sta
     before, after = m["init_behaviour_rate"], m["metrics"]["behaviour_rate"]
     assert before < 0.25, before  # the SFT policy shows it only sometimes
     assert after >= before + 0.30, (before, after)
-    assert m["metrics"]["accuracy"] >= m["init_accuracy"] - 0.02, (m["init_accuracy"], m["metrics"]["accuracy"])
+    # "kept": within two standard errors of a 200-prompt accuracy near 0.85 (2 x 0.025); across CPUs
+    # (AVX-512 vs AVX2 kernels) the same run measured DPO at SFT - 0.005 and SFT - 0.04
+    assert m["metrics"]["accuracy"] >= m["init_accuracy"] - 0.05, (m["init_accuracy"], m["metrics"]["accuracy"])
     assert m["metrics"]["format_rate"] >= 0.9
     if stage == "dpo":  # no rollouts: how far the policy moved on the held-out pairs, per reply
         assert -5.0 < m["metrics"]["drift"] < 5.0, m["metrics"]["drift"]

@@ -116,7 +116,7 @@ def kill_tree(pid: int) -> None:
 
 def comparable(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.endswith("tokens_per_s")} for row in rows]
+    return [{k: v for k, v in row.items() if not (k.endswith("tokens_per_s") or k.startswith("time_"))} for row in rows]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
