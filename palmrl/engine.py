@@ -39,7 +39,7 @@ from palmrl.config import check_training_config
 from palmrl.errors import Preempted, TrainingDiverged, UserError
 from palmrl.io import FolderLock, write_atomic
 from palmrl.model.registry import set_activation_checkpointing
-from palmrl.runtime import Dist, any_rank, barrier, process_seconds, stage_seconds
+from palmrl.runtime import Dist, any_rank, barrier, run_seconds
 from palmrl.tracking import Tracker
 
 DS_DIR = "deepspeed"
@@ -428,7 +428,7 @@ class Trainer:
             "steps": f"{start} → {self.max_steps}",
             **dict(start_rows or {}),
         })
-        startup = process_seconds()  # process start → the first step: what every command makes a user wait
+        startup = run_seconds()  # process start → the first step: what every command makes a user wait
         self.manifest_extra["startup_s"] = round(startup, 2)
         if self.dist.is_main:
             self.tracker.note_plain(f"first step after {startup:.1f} s (imports, DeepSpeed, data, model)")
@@ -481,7 +481,7 @@ class Trainer:
                 eval_metrics = self.evaluate(eval_fn)
             self.final_metrics = dict(eval_metrics)
             self.hooks.before_final_save()
-            self.manifest_extra["wall_s"] = round(stage_seconds(), 1)  # this process's run, setup included
+            self.manifest_extra["wall_s"] = round(run_seconds(), 1)  # what the user waited for, setup included
             final = self.save(final=True, metrics=self.final_metrics)
         self.tracker.finish({"final checkpoint": str(final), "steps": self.step,
                              "tokens seen": self.tokens_seen, **self.final_metrics})

@@ -206,7 +206,8 @@ def _resolve_out_dir(stage: str, cfg: DictConfig) -> None:
             cfg.out_dir = str(out)
 
 
-_stage_started = [time.perf_counter()]
+_PROCESS_STAGE_MARK = time.perf_counter()
+_stage_started = [_PROCESS_STAGE_MARK]  # no stage has run in this process while it holds the mark
 _imported = time.time()  # fallback start of this process where /proc is missing
 
 
@@ -222,6 +223,16 @@ def process_seconds() -> float:
         return time.time() - _imported
 
 
+_startup_from_process = [False]  # the first stage a `palmrl` command runs counts its imports too
+
+
+def run_seconds() -> float:
+    """What a user has waited for so far: since the process started for the first stage a `palmrl`
+    command runs (its imports included), since the stage started for later ones (--multirun jobs,
+    in-process use). A manifest's startup_s and wall_s are this at the first step and at the end."""
+    return process_seconds() if _startup_from_process[0] else stage_seconds()
+
+
 def stage_seconds() -> float:
     """Seconds since the running stage started (run_stage), setup included: the wall time a user waits."""
     return time.perf_counter() - _stage_started[0]
@@ -229,6 +240,7 @@ def stage_seconds() -> float:
 
 def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path], *, from_cli: bool = False) -> Path:
     """Resolve the config, check it, then hand it to the stage runner."""
+    _startup_from_process[0] = from_cli and _stage_started[0] == _PROCESS_STAGE_MARK
     _stage_started[0] = time.perf_counter()
     _resolve_out_dir(stage, cfg)
     try:

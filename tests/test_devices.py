@@ -268,3 +268,22 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch, ca
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     runtime.warn_slow_bf16("cpu", "bf16")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.unit
+def test_time_to_first_step_counts_from_the_process_start_only_for_a_commands_first_stage(tmp_path):
+    """A stage's `startup_s` is what its user waited for: the imports too for a `palmrl` command's
+    first stage; from the stage's own start for later stages of one process (multirun, in-process)."""
+    from omegaconf import OmegaConf
+
+    from palmrl import runtime
+
+    cfg = OmegaConf.create({"run_name": "t", "out_dir": str(tmp_path)})
+    waited = runtime.run_stage("pretrain", cfg, lambda c: runtime.run_seconds())  # in-process: the stage's own
+    assert 0 <= waited < 1.0
+    runtime._startup_from_process[0] = True  # as run_stage sets it for a command's first stage
+    try:
+        assert runtime.run_seconds() == pytest.approx(runtime.process_seconds(), abs=0.05)
+        assert runtime.process_seconds() > waited  # this pytest process has run longer than that stage
+    finally:
+        runtime._startup_from_process[0] = False
