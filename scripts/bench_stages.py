@@ -241,7 +241,7 @@ def stage_result(folder: Path) -> dict:
             "startup_s": manifest.get("startup_s"), "rows": train, "wall_s": manifest.get("wall_s")}
 
 
-def text_data(work: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
+def text_data(work: Path) -> tuple[Path, Path]:
     """SFT and preference JSONL whose every example fills 256 tokens (cut there by the stages): the
     embedded chit-chat, a short prompt and a long reply. Same shapes every step, like pretraining."""
     from palmrl.data.embedded import embedded_texts
@@ -296,7 +296,7 @@ def main() -> None:
     tok = work / "tokenizer"
     if not (tok / "manifest.json").exists() and not any(tok.glob("*.model")):
         palmrl_cli(work, "tokenizer", "model.vocab_size=8192", f"tokenizer.path={tok}", log=logs / "tokenizer.log")
-    sft_data, prefs_data = text_data(work, tok)
+    sft_data, prefs_data = text_data(work)
     run = ["run_name=bench", "overwrite=true", f"precision={precision}", *COMMON]
     pre = ["pretrain", *run, *MODEL_OVERRIDES, f"tokenizer.path={tok}", f"train.seq_len={SEQ}",
            f"train.micro_batch_size={BATCH}", "train.eval_batches=1"]
@@ -331,8 +331,8 @@ def main() -> None:
                "lora=r8", "train.eval_examples=0", f"train.max_steps={ppo_iters}", "ppo.rollout_batch=16",
                "ppo.samples_per_prompt=4", "ppo.minibatch=8", "ppo.epochs=1", "ppo.max_new_tokens=32",
                "data=prompts", log=logs / "ppo.log")
-    ppo_rows = [r for r in stage_result(work / "runs/bench/ppo")["rows"]][1:]
-    ppo_startup = stage_result(work / "runs/bench/ppo")["startup_s"]
+    ppo = stage_result(work / "runs/bench/ppo")
+    ppo_rows, ppo_startup = ppo["rows"][1:], ppo["startup_s"]  # iteration 1 warms up
 
     # 2. this process: bare loops, the reference (alternating)
     print("  bare loops, reference ...", flush=True)
