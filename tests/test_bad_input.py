@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_serve import free_port
 
 from palmrl.errors import UserError
 
@@ -99,6 +100,14 @@ CASES = [
      "train.on_nonfinite"),
     ("missing required key", lambda t, r: ["sample", "prompt=x"], "ckpt"),
     ("bad interpolation", lambda t, r: ["pretrain", "run_name=${nope}"], "nope"),
+    ("serve off loopback without a token", lambda t, r: ["serve", f"ckpt={r / 'sft'}", "host=0.0.0.0", "auth_token=null"],
+     "auth_token: serving on 0.0.0.0"),
+    ("serve compare not a list", lambda t, r: ["serve", f"ckpt={r / 'sft'}", f"compare={r / 'ppo'}", f"port={free_port()}"],
+     "compare must be a list"),
+    ("serve queue file missing", lambda t, r: ["serve", f"ckpt={r / 'sft'}", "prompts=/no/such/prompts.txt", f"port={free_port()}"],
+     "prompts: /no/such/prompts.txt"),
+    ("serve feedback_dir is a file", lambda t, r: ["serve", f"ckpt={r / 'sft'}", f"ckpt_b={r / 'ppo'}", f"port={free_port()}",
+                                                   f"feedback_dir={write(t / 'afile', 'x')}"], "feedback_dir"),
     # ---- data files
     ("no such data file", lambda t, r: ["pretrain", "data=local", "data.path=/no/such/corpus.txt"], "/no/such/corpus.txt"),
     ("empty corpus", lambda t, r: ["pretrain", *TINY, "data=local", f"data.path={write(t / 'empty.txt', '')}",

@@ -48,6 +48,9 @@ def test_wheel_holds_the_configs_and_every_package(wheel_env):
     assert missing == [], f"packages left out of the wheel (add them to pyproject's packages): {missing}"
     yamls = {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")}
     assert {n.removeprefix("palmrl/configs/") for n in names if n.startswith("palmrl/configs/")} >= yamls
+    data = {str(p.relative_to(ROOT)) for pattern in ("serving/page/*", "selfinstruct/*.jsonl")
+            for p in (ROOT / "palmrl").glob(pattern)}
+    assert data and data <= set(names), f"package data left out of the wheel: {sorted(data - set(names))}"
 
 
 def test_installed_cli_composes_from_another_folder(wheel_env):

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -59,24 +60,33 @@ def engine(ckpt):
     return Engine(ckpt)
 
 
-@pytest.fixture(scope="module")
-def served(engine):
-    """The app under uvicorn in a thread on a free loopback port; yields (base url, Server)."""
+@contextmanager
+def running(app):
+    """An app under uvicorn in a thread on a free 127.0.0.1 port; yields its base URL."""
     import uvicorn
 
-    server = Server(engine, model_name="tiny", limits=Limits(max_concurrent=MAX_CONCURRENT, max_tokens=64),
-                    batching=Batching(max_batch_size=16, window_ms=5))
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", server
-    uv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    """The app on a free loopback port; yields (base url, Server)."""
+    server = Server(engine, model_name="tiny", limits=Limits(max_concurrent=MAX_CONCURRENT, max_tokens=64),
+                    batching=Batching(max_batch_size=16, window_ms=5))
+    with running(build_app(server)) as url:
+        yield url, server
 
 
 @pytest.fixture()

@@ -1,17 +1,19 @@
 """`palmrl serve`'s HTTP app: the OpenAI API (completions, chat completions, SSE streaming, models)
-over an `Engine`, with request validation, limits, and batching of concurrent requests.
+over one or more `Engine`s, with request validation, limits, batching of concurrent requests, an
+optional token, and the web page for chatting and labelling (palmrl/serving/ui.py).
 
     POST /v1/completions        prompt (string or list), max_tokens, temperature, top_p, top_k, n, stop, seed, stream
     POST /v1/chat/completions   messages, max_tokens | max_completion_tokens, the same sampling keys, stream
-    GET  /v1/models             the one model served
+    GET  /v1/models             the served models (`model` picks one; none: the first, `ckpt`)
     GET  /health                {"status": "ok", "in_flight": ..., "queued": ...}
 
 Requests and errors follow OpenAI's shapes (`{"error": {"message", "type", "param", "code"}}`): a
 body that is not JSON, an unknown field, a value out of range or an unsupported option (logprobs,
 echo, penalties, best_of) is a 400 naming the field; a prompt that with max_tokens exceeds the
-model's context is a 400 too; a model name other than the served one is a 404.
+model's context is a 400 too; a model name not served is a 404; without the token (when
+`auth_token` is set) every route but /login is a 401.
 
-Concurrency: one worker thread owns the model and batches compatible requests
+Concurrency: one worker thread per served model owns it and batches compatible requests
 (palmrl/serving/scheduler.py). At most `limits.max_concurrent` requests may be queued or running,
 and one more gets 429 with `Retry-After: 1`. The request bodies are in palmrl/serving/schemas.py.
 
@@ -22,12 +24,17 @@ Best-of-n with a reward model is not offered yet: `n` returns all n samples. The
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import html
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+from starlette.requests import Request  # module level: FastAPI resolves the routes' annotations here
 
 from palmrl.errors import UserError
 from palmrl.serving.generator import Completion, Delta, Row, Sampling
@@ -244,12 +251,30 @@ def _validation_message(err) -> str:
 
 class Guard:
     """ASGI middleware in front of the app: a Host header the server does not answer to is refused
-    (400: a DNS-rebinding page reaching a loopback server carries its own host name), and a body
-    larger than `max_body_bytes` is refused (413) from its Content-Length or while it streams in,
-    before any of it is parsed or tokenised."""
+    (400: a DNS-rebinding page reaching a loopback server carries its own host name); with an
+    `auth_token`, every route but /login needs it (`Authorization: Bearer <token>`, or the cookie
+    the login form sets) or gets 401 (a page request gets the login form); a body larger than
+    `max_body_bytes` is refused (413) from its Content-Length or while it streams in, before any of
+    it is parsed or tokenised."""
 
-    def __init__(self, app, *, allowed_hosts: frozenset[str] | None, max_body_bytes: int):
+    def __init__(self, app, *, allowed_hosts: frozenset[str] | None, max_body_bytes: int,
+                 auth_token: str | None = None):
         self.app, self.allowed_hosts, self.max_body_bytes = app, allowed_hosts, max_body_bytes
+        self.auth_token = auth_token
+        self.cookie = cookie_value(auth_token) if auth_token else None
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        bearer = headers.get("authorization", "")
+        if bearer[:7].lower() == "bearer " and hmac.compare_digest(bearer[7:].strip().encode(),
+                                                                   self.auth_token.encode()):
+            return True
+        from http.cookies import CookieError, SimpleCookie
+
+        try:
+            jar = SimpleCookie(headers.get("cookie", ""))
+        except CookieError:
+            return False
+        return COOKIE in jar and hmac.compare_digest(jar[COOKIE].value.encode(), self.cookie.encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -259,6 +284,13 @@ class Guard:
         if self.allowed_hosts is not None and host not in self.allowed_hosts:
             return await _reply(send, HTTPFailure(400, f"Host '{host}' is not served here (serve allowed_hosts)",
                                                   param="Host"))
+        if self.auth_token and scope["path"] != "/login" and not self._authorised(headers):
+            if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):
+                return await _reply_html(send, 401, login_page(""))
+            return await _reply(send, HTTPFailure(401, "this server needs its token: send 'Authorization: "
+                                                       "Bearer <auth_token>' (or log in at /login)",
+                                                  kind="authentication_error", code="invalid_api_key",
+                                                  headers={"WWW-Authenticate": "Bearer"}))
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
             return await _reply(send, self._too_large())
@@ -294,25 +326,60 @@ def _hostname(host: str) -> str:
 
 async def _reply(send, failure: HTTPFailure) -> None:
     body = json.dumps(failure.body()).encode()
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in failure.headers.items()]
     await send({"type": "http.response.start", "status": failure.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(server: Server, *, allowed_hosts: frozenset[str] | None = None):
-    """The FastAPI app over a Server; the worker thread runs for the app's lifetime. `allowed_hosts`:
-    the Host header names it answers to (None: any)."""
-    from fastapi import FastAPI, Request
+async def _reply_html(send, status: int, page: str) -> None:
+    from palmrl.serving.ui import SECURITY_HEADERS
+
+    body = page.encode()
+    headers = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(servers: Server | Sequence[Server], *, allowed_hosts: frozenset[str] | None = None,
+              auth_token: str | None = None, feedback=None, queue=None):
+    """The FastAPI app over one or more Servers (the first answers requests that name no model) and
+    the web page (palmrl/serving/ui.py); each Server's worker thread runs for the app's lifetime.
+    `allowed_hosts`: the Host header names it answers to (None: any); `auth_token`: required on
+    every route but /login when set; `feedback` / `queue`: the page's labelling (None: off)."""
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+
+    from palmrl.serving.ui import SECURITY_HEADERS, Labelling, add_routes
+
+    servers = [servers] if isinstance(servers, Server) else list(servers)
+    by_name = {}
+    for server in servers:
+        if server.model_name in by_name:
+            raise UserError(f"model_name: two served checkpoints are both named {server.model_name!r}")
+        by_name[server.model_name] = server
+
+    def pick(body: Body) -> Server:
+        if body.model is None:
+            return servers[0]
+        if body.model not in by_name:
+            raise HTTPFailure(404, f"model '{body.model}' is not served here; this server serves "
+                                   f"{', '.join(repr(n) for n in by_name)} (GET /v1/models)", param="model",
+                              code="model_not_found")
+        return by_name[body.model]
 
     @asynccontextmanager
     async def lifespan(app):
-        server.scheduler.start()
+        for server in servers:
+            server.scheduler.start()
         try:
             yield
         finally:
-            server.scheduler.stop()
+            for server in servers:
+                server.scheduler.stop()
 
     app = FastAPI(title="palmrl serve", lifespan=lifespan)
 
@@ -336,18 +403,53 @@ def build_app(server: Server, *, allowed_hosts: frozenset[str] | None = None):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        return await server.completions(body)
+        return await pick(body).completions(body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody):
-        return await server.chat(body)
+        return await pick(body).chat(body)
 
     @app.get("/v1/models")
     async def models():
-        return server.models()
+        return {"object": "list", "data": [m for server in servers for m in server.models()["data"]]}
 
     @app.get("/health")
     async def health():
-        return server.health()
+        states = [server.health() for server in servers]
+        return states[0] if len(states) == 1 else {"status": "ok", "models": states}
 
-    return Guard(app, allowed_hosts=allowed_hosts, max_body_bytes=server.limits.max_body_bytes)
+    @app.get("/login", include_in_schema=False)
+    async def login_form():
+        return HTMLResponse(login_page(""), headers=SECURITY_HEADERS)
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        from urllib.parse import parse_qs
+
+        given = parse_qs((await request.body()).decode("utf-8", "replace")).get("token", [""])[0]
+        if auth_token is None or not hmac.compare_digest(given.encode(), auth_token.encode()):
+            return HTMLResponse(login_page("wrong token" if auth_token else "this server has no token"),
+                                status_code=401, headers=SECURITY_HEADERS)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, cookie_value(auth_token), httponly=True, samesite="strict", path="/")
+        return response
+
+    add_routes(app, Labelling(by_name, feedback, queue))
+    return Guard(app, allowed_hosts=allowed_hosts, max_body_bytes=servers[0].limits.max_body_bytes,
+                 auth_token=auth_token)
+
+
+COOKIE = "palmrl_token"
+
+
+def cookie_value(token: str) -> str:
+    """What the login cookie holds: a digest of the token, so the cookie jar never stores the token."""
+    return hashlib.sha256(f"palmrl-serve-cookie:{token}".encode()).hexdigest()
+
+
+def login_page(message: str) -> str:
+    note = f"<p role=alert>{html.escape(message)}</p>" if message else ""
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8><title>palmrl serve: log in</title></head>"
+            "<body><h1>palmrl serve</h1><p>This server needs its token (serve <code>auth_token</code>).</p>"
+            f"{note}<form method=post action=/login><label>token <input name=token type=password "
+            "autocomplete=current-password autofocus></label> <button type=submit>log in</button></form></body></html>")

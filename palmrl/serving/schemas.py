@@ -122,3 +122,26 @@ class HTTPFailure(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# the web page's own routes (palmrl/serving/ui.py)
+
+class CompareBody(BaseModel):
+    """POST /ui/compare: one prompt for two hidden checkpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    annotator: str
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class JudgeBody(BaseModel):
+    """POST /ui/judge: the person's verdict on a comparison (a choice, 1-5 ratings, or both)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    annotator: str
+    choice: Literal["A", "B", "tie", "both_bad"] | None = None
+    ratings: dict[Literal["A", "B"], int | None] = Field(default_factory=dict)
