@@ -244,3 +244,22 @@ def check_override_types(stage: str, cfg: DictConfig) -> None:
             raise UserError(f"{path}: {why}")
 
     walk({k: v for k, v in defaults.items() if k != "hydra"}, given, "")
+
+
+def _hydra_callback_base():
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class SweepInterpolations(_hydra_callback_base()):
+    """A Hydra callback (configs/base.yaml `hydra.callbacks`): during --multirun, the sweep's own
+    config is resolved before any job runs (`hydra.sweep.dir` = runs/${run_name}/...), when Hydra has
+    not set HydraConfig yet, so a run name built from a choice (`run_name=s_${hydra:runtime.choices.model}`)
+    failed with "HydraConfig was not set". Setting it from the sweep's config lets that resolve;
+    each job then resolves its own run name with its own choices."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)

@@ -40,7 +40,7 @@ from palmrl.errors import Preempted, TrainingDiverged, UserError
 from palmrl.io import FolderLock, write_atomic
 from palmrl.model.registry import set_activation_checkpointing
 from palmrl.runtime import Dist, any_rank, barrier, run_seconds
-from palmrl.tracking import Tracker
+from palmrl.tracking import WANDB_ID_FILE, Tracker
 
 DS_DIR = "deepspeed"
 
@@ -275,7 +275,8 @@ class Trainer:
                             f"overwrite=true to replace it, or choose another run_name")
         if self.dist.is_main:
             if has_run and self.cfg.resume is None:  # overwrite=true
-                for sub in [DS_DIR, "final", "metrics.jsonl", *[p.name for p in self.out_dir.glob("step-*")]]:
+                for sub in [DS_DIR, "final", "metrics.jsonl", WANDB_ID_FILE,
+                            *[p.name for p in self.out_dir.glob("step-*")]]:
                     target = self.out_dir / sub
                     shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
             try:

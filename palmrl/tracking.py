@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +25,7 @@ from rich.table import Table
 from palmrl.io import read_jsonl, write_atomic
 
 console = Console(stderr=True, highlight=False)
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: the wandb run a resumed stage continues
 
 
 def _fmt(value: Any) -> str:
@@ -58,12 +61,26 @@ class Tracker:
 
     @staticmethod
     def _start_wandb(out_dir: Path, logger_cfg: Mapping, config: Mapping | None):
+        """wandb.init with the logger's project, entity, mode, tags, group and notes. The run id is kept
+        in <out_dir>/wandb_run_id, so a resumed stage (resume=auto) continues the same wandb run; a
+        replaced one (overwrite=true) removes the file and starts a new run."""
         import wandb
 
         mode = str(logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline")
-        return wandb.init(project=logger_cfg.get("project", "palmrl"), entity=logger_cfg.get("entity"),
-                          dir=str(out_dir), mode=mode, config=dict(config or {}),
-                          name=f"{Path(out_dir).parent.name}-{Path(out_dir).name}")
+        id_file = Path(out_dir) / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            run_id = secrets.token_hex(4)  # wandb's own ids are 8 lowercase letters and digits too
+        tags = logger_cfg.get("tags") or []
+        if isinstance(tags, str):
+            tags = [tags]
+        run = wandb.init(project=logger_cfg.get("project", "palmrl"), entity=logger_cfg.get("entity"),
+                         dir=str(out_dir), mode=mode, config=dict(config or {}),
+                         name=f"{Path(out_dir).parent.name}-{Path(out_dir).name}", id=run_id, resume="allow",
+                         tags=[str(t) for t in tags] or None, group=logger_cfg.get("group"),
+                         notes=logger_cfg.get("notes"), job_type=logger_cfg.get("job_type"))
+        write_atomic(id_file, run_id + "\n")
+        return run
 
     def truncate_after(self, step: int) -> None:
         """Resume: forget metrics logged after `step` by the run that was interrupted."""

@@ -55,6 +55,35 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tokenizer_dir, dist_env):
 
 
 @pytest.mark.integration
+def test_wandb_tags_group_notes_and_a_resumed_run_continues_its_wandb_run(tmp_path, tokenizer_dir, dist_env,
+                                                                           monkeypatch):
+    import wandb
+
+    calls = []
+    real_init = wandb.init
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    logger = ["logger=wandb", "logger.mode=offline", "logger.tags=[baseline,tiny]", "logger.group=sweep-7",
+              "logger.notes=first try", "train.save_every=2", "train.eval_every=0"]
+    run_stage("pretrain", overrides(out, tokenizer_dir, *logger, "train.max_steps=4", "train.stop_after=2"))
+    run_id = (out / "wandb_run_id").read_text().strip()
+    run_stage("pretrain", overrides(out, tokenizer_dir, *logger, "train.max_steps=4", "resume=auto"))
+    assert [c["id"] for c in calls] == [run_id, run_id] and calls[1]["resume"] == "allow"
+    assert calls[0]["tags"] == ["baseline", "tiny"] and calls[0]["group"] == "sweep-7"
+    assert calls[0]["notes"] == "first try" and calls[0]["job_type"] == "pretrain"
+    offline = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(run_id) for name in offline), offline  # one run, synced as one
+    run_stage("pretrain", overrides(out, tokenizer_dir, *logger, "train.max_steps=2", "overwrite=true"))
+    assert calls[2]["id"] != run_id  # a replaced run is a new wandb run
+
+
+@pytest.mark.integration
 def test_existing_run_is_never_overwritten(tmp_path, tokenizer_dir, dist_env):
     from palmrl.errors import UserError
 
@@ -106,6 +135,21 @@ def test_multirun_makes_one_folder_per_job(tmp_path, tokenizer_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "sweep" / "pretrain").glob("*/final"))
     assert len(jobs) == 2 and all("optim.lr=" in j for j in jobs), jobs  # Hydra names them by the overrides
+
+
+@pytest.mark.integration
+def test_pipeline_multirun_gives_each_job_its_own_run(tmp_path):
+    """A run name built from a choice resolves per job (it failed: "HydraConfig was not set"); without
+    one, each job runs under runs/<run_name>/<its overrides>/ instead of all sharing runs/<run_name>."""
+    byte = ["stages=[tokenizer]", "tokenizer.tokenizer.kind=byte"]
+    built = palmrl_cli("pipeline", "--multirun", "run_name=s_${hydra:runtime.choices.model}",
+                       "model=palm_tiny,palm_small", *byte, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    plain = palmrl_cli("pipeline", "--multirun", "seed=1,2", *byte, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    made = sorted(str(p.parent.relative_to(tmp_path / "runs")) for p in (tmp_path / "runs").glob("**/tokenizer.json"))
+    assert made == ["default/seed=1/tokenizer", "default/seed=2/tokenizer",
+                    "s_palm_small/tokenizer", "s_palm_tiny/tokenizer"], made
 
 
 @pytest.mark.integration

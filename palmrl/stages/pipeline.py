@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.markup import escape
 
 from palmrl.config import CHAIN, RL_STAGES
@@ -200,10 +200,32 @@ def expand_stages(cfg: DictConfig) -> list[str]:
     return list(dict.fromkeys(stages))
 
 
+def job_run_name(cfg: DictConfig) -> str:
+    """The run name of this pipeline: `run_name`, except in a --multirun job whose run_name is not built
+    per job (no `${...}` in it), which gets `<run_name>/<its overrides>` (`default/model=palm_small`) so
+    that the sweep's jobs never share (and stop at) one run folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    name = str(cfg.run_name)
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed outside the CLI
+        return name
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed, not resolved
+    # a sweep job lists its run_name override escaped: `run_name=s_$\{hydra\:runtime.choices.model\}`
+    per_job = any(str(o).startswith("run_name=") and re.search(r"\$\\?\{", str(o)) for o in task)
+    if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.job.override_dirname and not per_job:
+        return f"{name}/{hydra_cfg.job.override_dirname}"
+    return name
+
+
 def run(cfg: DictConfig, routed: dict[str, list[str]] | None = None) -> Path:
     """Run the chain; `routed` holds the `<stage>.<key>=<value>` overrides of the command line."""
     stages = [s for s in expand_stages(cfg) if not (cfg.pretrain_ckpt and s in ("tokenizer", "pretrain"))]
     choices = group_choices()
+    with open_dict(cfg):
+        cfg.run_name = job_run_name(cfg)
     run_dir = Path("runs") / str(cfg.run_name)
     launcher = shlex.split(str(cfg.launcher)) if cfg.launcher else []
     tracker = Tracker(run_dir, enabled=True, total_steps=len(stages), stage="pipeline")
