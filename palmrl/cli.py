@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo": ("palmrl.stages.grpo", "RLHF with GRPO: group-relative advantages, no critic, KL in the loss (+ Dr. GRPO)"),
     "dpo": ("palmrl.stages.dpo", "direct preference optimisation on preference pairs (DPO, IPO, SimPO)"),
     "sample": ("palmrl.stages.sample", "generate from any checkpoint (best-of-n with a reward model)"),
+    "eval": ("palmrl.stages.eval", "score a checkpoint: the embedded tasks, your prompt/answer JSONL, perplexity"),
     "export": ("palmrl.stages.export", "write a policy started from a Hugging Face model as a standard HF folder"),
     "pipeline": ("palmrl.stages.pipeline", "tokenizer → pretrain → sft → reward → ppo → report, chained by path"),
     "report": ("palmrl.stages.report", "tables and PNG plots of a run's stages"),

@@ -643,6 +643,35 @@ def plot_all(stages: dict[str, StageRun], summary: dict, result: dict | None, ou
 # markdown, json, terminal
 
 
+EVAL_HEADER = ("checkpoint", "task", "metric", "value")
+
+
+def read_evaluations(run_dir: Path) -> list[dict]:
+    """The results `palmrl eval` wrote into <run>/eval/ (one JSON per checkpoint), oldest first."""
+    folder = Path(run_dir) / "eval"
+    found = []
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+            found.append({"name": path.stem, **data})
+    return found
+
+
+def eval_rows(evaluations: Sequence[dict]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for result in evaluations:
+        for task, metrics in result["tasks"].items():
+            for key, value in metrics.items():
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and key not in ("examples", "tokens"):
+                    rows.append((result["name"], f"{task} ({metrics.get('examples', metrics.get('tokens', ''))})",
+                                 key, _f(value)))
+    return rows
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     escape = lambda s: str(s).replace("|", "\\|").replace("\n", "⏎")  # noqa: E731
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
@@ -693,6 +722,10 @@ def markdown(data: dict, plots: Sequence[Path], out_dir: Path) -> str:
         lines += ["## Samples before/after RLHF", "",
                   "Greedy responses to the same held-out prompts; [1] = correct by the task checker.", "",
                   *_md_table(header, rows), ""]
+    if data.get("evaluations"):
+        lines += ["## Evaluations (`palmrl eval`)", "",
+                  "From `eval/*.json` in the run folder (task (examples or tokens), metric, value).", "",
+                  *_md_table(EVAL_HEADER, eval_rows(data["evaluations"])), ""]
     if data["notes"]:
         lines += ["## Notes", "", *(f"- {note}" for note in data["notes"]), ""]
     lines += ["## Plots", ""]
@@ -726,7 +759,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, settings: ReportSet
         (out_dir / name).unlink(missing_ok=True)
     plots = plot_all(stages, summary, result, out_dir)
     data = {"run_dir": str(run_dir), "stages": summary, "best_of_n": result, "samples": samples, "notes": notes,
-            "plots": [p.name for p in plots], "settings": asdict(settings)}
+            "plots": [p.name for p in plots], "settings": asdict(settings),
+            "evaluations": read_evaluations(run_dir)}
     md_path, json_path = out_dir / "report.md", out_dir / "report.json"
     md_path.write_text(markdown(data, plots, out_dir))
     json_path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
@@ -749,7 +783,8 @@ def print_report(data: dict, console=None) -> None:
     console.print(table)
     for title, header, rows in (
             ("RL stages side by side (from the same SFT policy: before → after)", RL_HEADER, rl_rows(data["stages"])),
-            ("where an RL iteration's time goes (median seconds)", PHASE_HEADER, phase_rows(data["stages"]))):
+            ("where an RL iteration's time goes (median seconds)", PHASE_HEADER, phase_rows(data["stages"])),
+            ("evaluations (palmrl eval)", EVAL_HEADER, eval_rows(data.get("evaluations") or []))):
         if rows:
             table = Table(title=title, title_justify="left")
             for column in header:

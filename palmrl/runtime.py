@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,35 @@ def _single_process_env() -> None:
         with socket.socket() as s:  # a free port, so parallel single-process runs never collide
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def expand_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[03-05,09],cpu1` -> `gpu03`, `node7` -> `node7`."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise UserError(f"SLURM node list {nodelist!r} is not one palmrl can read; set MASTER_ADDR")
+    prefix, ranges = head.group(1), head.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _slurm_env() -> bool:
+    """Under `srun` (one task per GPU, no torchrun/deepspeed launcher), take the rank, world size,
+    local rank and rendezvous from SLURM's variables into the ones torch.distributed reads; the rest
+    of the code path is the same as under torchrun. Only an srun step counts (SLURM_STEP_NUM_TASKS):
+    a batch script's own shell, which sees SLURM_NTASKS too, stays a world of one."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return False
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    for key, value in (("RANK", env["SLURM_PROCID"]), ("WORLD_SIZE", env["SLURM_STEP_NUM_TASKS"]),
+                       ("LOCAL_RANK", env.get("SLURM_LOCALID", "0")),
+                       ("LOCAL_WORLD_SIZE", re.match(r"\d+", tasks_per_node).group(0)),
+                       ("MASTER_ADDR", expand_first_host(nodelist)),
+                       # every task derives the same port from the job id; MASTER_PORT overrides it
+                       ("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000))):
+        env.setdefault(key, value)
+    return True
 
 
 def allow_tf32() -> None:
@@ -107,7 +137,7 @@ def keep_freed_memory() -> bool:
 def init_distributed() -> Dist:
     """Initialise torch.distributed once (gloo on CPU, nccl on GPU) and set threads per rank."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        _single_process_env()
+        _slurm_env() or _single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE

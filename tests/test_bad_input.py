@@ -108,6 +108,12 @@ CASES = [
      "prompts: /no/such/prompts.txt"),
     ("serve feedback_dir is a file", lambda t, r: ["serve", f"ckpt={r / 'sft'}", f"ckpt_b={r / 'ppo'}", f"port={free_port()}",
                                                    f"feedback_dir={write(t / 'afile', 'x')}"], "feedback_dir"),
+    ("eval unknown task", lambda t, r: ["eval", f"ckpt={r / 'sft'}", "tasks=[checker,nope]"], "tasks: unknown task 'nope'"),
+    ("eval qa without a file", lambda t, r: ["eval", f"ckpt={r / 'sft'}", "tasks=[qa]"], "qa.path"),
+    ("eval qa record without answer", lambda t, r: ["eval", f"ckpt={r / 'sft'}", "tasks=[qa]",
+                                                    f"qa.path={write(t / 'qa.jsonl', jsonl([{'prompt': 'p'}]))}"],
+     "qa.jsonl:1"),
+    ("eval a reward model", lambda t, r: ["eval", f"ckpt={r / 'reward'}"], "is a reward checkpoint"),
     # ---- data files
     ("no such data file", lambda t, r: ["pretrain", "data=local", "data.path=/no/such/corpus.txt"], "/no/such/corpus.txt"),
     ("empty corpus", lambda t, r: ["pretrain", *TINY, "data=local", f"data.path={write(t / 'empty.txt', '')}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,36 @@ def test_two_ranks_then_one_process_eval(tmp_path, tokenizer_dir, zero):
     assert sum(losses) / len(losses) == pytest.approx(ckpt.manifest["metrics"]["loss"], abs=1e-4)
 
 
+@pytest.mark.multiproc
+def test_two_srun_tasks_form_one_world_from_slurm_variables(tmp_path, tokenizer_dir):
+    """What `srun --ntasks=2 palmrl pretrain ...` gives each task: SLURM's variables only (no RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT). The two processes must find each other and train as one world."""
+    import socket
+
+    for job_id in range(4000, 10000, 97):  # the port both tasks derive from the job id must be free
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id))
+                break
+            except OSError:
+                continue
+    out = tmp_path / "srun"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    slurm = {"SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_STEP_NODELIST": "localhost", "OMP_NUM_THREADS": "1",
+             "PALMRL_CONFIG_DIR": str(CONFIG_DIR)}
+    cmd = [sys.executable, "-m", "palmrl", "pretrain",
+           *overrides(out, tokenizer_dir, "train.max_steps=2", "train.eval_every=0", "zero=stage2")]
+    procs = [subprocess.Popen(cmd, env={**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert re.search(r"world size\W+2", results[0][1]), results[0][1][-2000:]
+    shards = sorted(p.name for p in (out / "deepspeed").glob("*/*optim_states.pt"))
+    assert len(shards) == 2 and any("rank_1" in name for name in shards), shards  # each rank saved its part
+
+
 @pytest.mark.integration
 def test_multirun_makes_one_folder_per_job(tmp_path, tokenizer_dir):
     proc = palmrl_cli("pretrain", "--multirun", "optim.lr=1e-3,3e-4", "run_name=sweep",
@@ -135,6 +166,30 @@ def test_multirun_makes_one_folder_per_job(tmp_path, tokenizer_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "sweep" / "pretrain").glob("*/final"))
     assert len(jobs) == 2 and all("optim.lr=" in j for j in jobs), jobs  # Hydra names them by the overrides
+
+
+@pytest.mark.integration
+def test_a_sweep_through_hydras_submitit_launcher(tmp_path, tokenizer_dir):
+    """hydra/launcher=submitit_local: the launcher SLURM sweeps use (submitit_slurm, configs/hydra/launcher/
+    slurm.yaml), here with local processes: two jobs, two run folders."""
+    proc = palmrl_cli("pretrain", "--multirun", "hydra/launcher=submitit_local", "optim.lr=1e-3,3e-4",
+                      "run_name=submitit", *TINY, f"tokenizer.path={tokenizer_dir}", "train.max_steps=2",
+                      "train.eval_batches=1", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "submitit" / "pretrain").glob("*/final"))
+    assert len(jobs) == 2 and all("optim.lr=" in j for j in jobs), jobs
+    assert list((tmp_path / "runs" / "submitit" / "pretrain" / ".submitit").iterdir())  # submitit ran them
+
+
+@pytest.mark.unit
+def test_the_slurm_preset_composes_one_task_per_gpu():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("pretrain", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_ and launcher.tasks_per_node == 4
 
 
 @pytest.mark.integration
