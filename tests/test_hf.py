@@ -184,6 +184,24 @@ def test_lora_on_an_hf_model_trains_adapters_only(hf_run, dist_env):
     adapters = ckpt.adapters()
     assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)
 
+    # the adapter in PEFT's layout: peft puts it on the exported base and gives the policy's logits
+    import peft
+    import transformers
+
+    from palmrl.checkpoint import model_from_checkpoint
+
+    exported = root / "peft"
+    run_stage("export", [f"ckpt={out}", f"out={exported}", "format=peft"])
+    assert json.loads((exported / "adapter_config.json").read_text())["target_modules"] == targets
+    base = transformers.AutoModelForCausalLM.from_pretrained(exported / "base")
+    reloaded = peft.PeftModel.from_pretrained(base, exported).eval()
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
+    with torch.no_grad():
+        ours, theirs = model_from_checkpoint(ckpt).eval()(ids), reloaded(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with reloaded.disable_adapter(), torch.no_grad():  # the base alone differs: the adapter is what matched
+        assert not torch.allclose(reloaded(ids).logits, ours, atol=1e-4)
+
 
 @pytest.mark.integration
 def test_hf_bad_input(tmp_path, dist_env):
