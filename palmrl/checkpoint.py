@@ -16,6 +16,7 @@ name, the starting point of `model=hf` runs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -38,7 +39,7 @@ from palmrl.io import quiet_transformers, readable_by_umask, sha256_file, sha256
 from palmrl.model.hf import HFCausalLM, HFConfig
 from palmrl.model.lora import LoRAConfig, add_lora, load_lora_state_dict, merge_lora, set_lora_scope
 from palmrl.model.registry import build_model, check_vocab, config_from_dict
-from palmrl.tokenizer import HFTokenizer, Tokenizer
+from palmrl.tokenizer import HEADERS_TEMPLATE, HFTokenizer, Tokenizer
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -111,15 +112,47 @@ class Checkpoint:
         return file
 
     def weights(self) -> dict[str, torch.Tensor]:
+        """Every weight of the model: model.safetensors, over its frozen base's when it has one."""
         try:
-            return load_file(self._verified(WEIGHTS))
+            own = load_file(self._verified(WEIGHTS))
         except SafetensorError as err:
             raise UserError(f"checkpoint {self.path}: unreadable {WEIGHTS}: {err}") from None
+        base = self.base()
+        return own if base is None else {**base.weights(), **own}
+
+    def base(self, _depth: int = 0) -> Checkpoint | None:
+        """The checkpoint whose weights this one's model.safetensors leaves out (`base` in the
+        manifest: a LoRA run keeps only the tensors that differ from its parent's), checked by path
+        and sha256; None when the folder holds all of its weights."""
+        spec = self.manifest.get("base")
+        if not spec:
+            return None
+        if _depth > 16:
+            raise UserError(f"checkpoint {self.path}: its chain of base checkpoints is longer than 16")
+        where = f"checkpoint {self.path}: its frozen base {spec.get('path')}"
+        try:
+            base = load(spec["path"], key="base")
+        except (UserError, KeyError, TypeError) as err:
+            raise UserError(f"{where} cannot be opened ({err}); a LoRA checkpoint keeps only what differs "
+                            f"from its base, so that folder must stay where it was") from None
+        if base.content_hash != spec.get("sha256"):
+            raise UserError(f"{where} has changed since (sha256 {base.content_hash[:12]}…, expected "
+                            f"{str(spec.get('sha256'))[:12]}…)")
+        base.base(_depth + 1)  # its own base, checked the same way
+        return base
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Each tensor's shape in model.safetensors, from its header alone (nothing loaded, not yet
-        verified: `weights()` verifies); {} when the header is unreadable (`weights()` says why)."""
-        return self._header_shapes(WEIGHTS)
+        """Each tensor's shape in model.safetensors (and its base's), from the headers alone (nothing
+        loaded, not yet verified: `weights()` verifies); {} when a header is unreadable (`weights()` says why)."""
+        own = self._header_shapes(WEIGHTS)
+        spec = self.manifest.get("base")
+        if not spec:
+            return own
+        try:
+            base = load(spec["path"], key="base")
+        except (UserError, KeyError, TypeError):
+            return {}
+        return {**base.weight_shapes(), **own}
 
     def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
         """As `weight_shapes`, for adapters.safetensors ({} without one)."""
@@ -142,7 +175,12 @@ class Checkpoint:
 
     @property
     def content_hash(self) -> str:
-        return self.manifest.get("files", {}).get(WEIGHTS, "")
+        """The weights' identity: model.safetensors' sha256, joined with its base's when it has one."""
+        own = self.manifest.get("files", {}).get(WEIGHTS, "")
+        spec = self.manifest.get("base")
+        if not spec:
+            return own
+        return hashlib.sha256(f"{own}:{spec.get('sha256', '')}".encode()).hexdigest()
 
     def lineage(self) -> dict:
         return {"path": str(self.path.resolve()), "stage": self.stage, "step": self.manifest.get("step"),
@@ -153,6 +191,7 @@ class Checkpoint:
 MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "stage": (str,), "step": (int,), "files": (dict,), "tokenizer_sha256": (str,), "parent": (dict, type(None)),
     "lora": (dict, type(None)), "metrics": (dict,), "config": (dict,), "reward": (dict, type(None)),
+    "base": (dict, type(None)),
 }
 
 
@@ -207,7 +246,11 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
     tmp.mkdir()
 
     files: dict[str, str] = {}
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+    weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    base = shared_base(parent, weights) if adapters else None
+    if base is not None:  # a LoRA run: the frozen base stays in the parent, referenced by path + sha256
+        weights = {k: v for k, v in weights.items() if k not in base[1]}
+    save_file(weights, tmp / WEIGHTS)
     files[WEIGHTS] = sha256_file(tmp / WEIGHTS)
     if adapters:
         save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, tmp / ADAPTERS)
@@ -220,6 +263,8 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
         "stage": stage,
         "step": step,
         "parent": parent.lineage() if parent is not None else None,
+        "base": None if base is None else {"path": str(base[0].path.resolve()), "sha256": base[0].content_hash,
+                                           "tensors": len(base[1])},
         "files": files,
         "tokenizer_sha256": tokenizer.content_hash(),
         "metrics": dict(metrics or {}),
@@ -241,6 +286,29 @@ def save(folder: Path, *, stage: str, step: int, weights: Mapping[str, torch.Ten
     else:
         tmp.rename(folder)
     return folder
+
+
+def shared_base(parent: Checkpoint | None, weights: Mapping[str, torch.Tensor]) -> tuple[Checkpoint, set[str]] | None:
+    """(parent, the names of the tensors it already holds bit for bit) when a checkpoint can leave
+    them out; None when it shares none (or has no palmrl parent, e.g. a Hugging Face source). The
+    parent's tensors are read one at a time (memory-mapped), never all at once."""
+    if parent is None or WEIGHTS not in parent.manifest.get("files", {}):
+        return None
+    chain, ckpt = [], parent
+    while ckpt is not None:
+        chain.append(ckpt)
+        ckpt = ckpt.base()
+    where: dict[str, Path] = {}
+    for ckpt in reversed(chain):  # the base first: a child's own tensors take precedence
+        where.update({name: ckpt.path / WEIGHTS for name in ckpt._header_shapes(WEIGHTS)})
+    same = set()
+    for file in set(where.values()):
+        with safe_open(file, framework="pt") as f:
+            for name in (n for n, w in where.items() if w == file and n in weights):
+                theirs, ours = f.get_tensor(name), weights[name]
+                if theirs.dtype == ours.dtype and theirs.shape == ours.shape and torch.equal(theirs, ours):
+                    same.add(name)
+    return (parent, same) if same else None
 
 
 def prune_steps(stage_dir: Path, keep_last: int) -> None:
@@ -423,3 +491,25 @@ def load_source(model_cfg: Mapping) -> tuple[HFCausalLM, HFTokenizer]:
               "model_type": hf_config.model_type, "trust_remote_code": trust}
     config = HFConfig(hf_config=model.config.to_dict(), source=source)
     return HFCausalLM(model, config), tokenizer
+
+
+def export_hf(model: HFCausalLM, tokenizer: HFTokenizer, folder: Path) -> Path:
+    """Write `model` (LoRA already merged) as a standard HF folder: config, safetensors, tokenizer."""
+    tf = transformers()
+    hf_config = tf.AutoConfig.for_model(**model.config.hf_config)
+    fresh = tf.AutoModelForCausalLM.from_config(hf_config)
+    state = model.hf_state_dict()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise UserError(f"export: weights do not fit {hf_config.model_type} "
+                        f"(missing {sorted(set(missing) - tied)[:2]}, unexpected {sorted(unexpected)[:2]})")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        fresh.save_pretrained(str(folder), safe_serialization=True)
+    if not tokenizer.has_template:  # the policy was trained on palmrl's header format: say so
+        tokenizer.tk.chat_template = HEADERS_TEMPLATE
+    tokenizer.tk.save_pretrained(str(folder))
+    readable_by_umask(folder)
+    return folder

@@ -3,6 +3,7 @@ score agree with what the stages compute; errors name the problem."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -32,9 +33,10 @@ def test_the_documented_example_runs_as_written(tiny_chain, tmp_path):
         shutil.copytree(tiny_chain / stage, runs / stage)
     blocks = doc_blocks()
     assert len(blocks) == 2
+    env = {k: v for k, v in os.environ.items()  # a fresh process: none of this one's torch.distributed settings
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "PALMRL_CONFIG_DIR": str(CONFIG_DIR),
-                                            "OMP_NUM_THREADS": "1"})
+                          timeout=600, env={**env, "PALMRL_CONFIG_DIR": str(CONFIG_DIR), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("palmrl.LLM(") and "stage='sft'" in lines[0]

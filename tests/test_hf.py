@@ -323,3 +323,28 @@ def test_remote_code_is_never_run_without_consent(tmp_path, dist_env):
     with pytest.raises(UserError, match="trust_remote_code=true"):
         run_stage("sft", ["model=hf", f"model.path={folder}", f"out_dir={tmp_path / 'out'}"])
     assert not marker.exists()
+
+
+@pytest.mark.integration
+def test_eval_runs_an_lm_evaluation_harness_task_on_the_exported_model(sources, tmp_path, dist_env):
+    """`palmrl eval harness=<task>`: lm-eval scores the checkpoint exported to HF; the task is a local
+    YAML over a local JSONL (nothing to download)."""
+    pytest.importorskip("lm_eval")
+    out = run_stage("sft", ["model=hf", f"model.path={sources['llama']}", "lora=r8", TASKS, "data.train_size=64",
+                            "train.max_steps=2", "train.eval_every=0", "train.eval_examples=4", "train.save_every=0",
+                            f"out_dir={tmp_path / 'sft'}"])
+    docs = [{"question": f"Which colour is the {thing}?", "choices": ["blue", "green", "red"], "label": label}
+            for thing, label in (("sky", 0), ("grass", 1), ("fire truck", 2), ("sea", 0), ("leaf", 1))]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "palmrl_colours.yaml").write_text(
+        "task: palmrl_colours\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'qa.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n")
+    result = run_stage("eval", [f"ckpt={out}", "tasks=[]", "harness=[palmrl_colours]",
+                                f"harness_options.include_path={tasks}", f"out_dir={tmp_path / 'eval'}"])
+    metrics = json.loads(result.read_text())["tasks"]["harness:palmrl_colours"]
+    assert 0.0 <= metrics["acc"] <= 1.0 and metrics["acc"] * 5 == pytest.approx(round(metrics["acc"] * 5))

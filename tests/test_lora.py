@@ -185,3 +185,4 @@ def test_bf16_base_with_adapters():
     train_scope(model, "actor", steps=1)
     merge_lora(model, "actor")
     assert model.layers[0].fused_proj.weight.dtype == torch.bfloat16
+

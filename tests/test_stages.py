@@ -38,7 +38,8 @@ def test_sft_lora_trains_adapters_only_and_merges_exactly(tiny_chain, tmp_path, 
 
     out = run_stage("sft", [f"init_from={tiny_chain / 'pretrain'}", "lora=r8", f"out_dir={tmp_path / 'sft'}", *SFT_SMALL])
     base = load_file(tiny_chain / "pretrain" / "final" / "model.safetensors")
-    after = load_file(out / "model.safetensors")
+    assert load_file(out / "model.safetensors") == {}  # the frozen base is referenced, not written again
+    after = checkpoint.load(out).weights()
     assert base.keys() == after.keys() and all(torch.equal(base[k], after[k]) for k in base), "base weights moved"
     adapters = load_file(out / "adapters.safetensors")
     assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k), "adapters did not train"
@@ -49,6 +50,43 @@ def test_sft_lora_trains_adapters_only_and_merges_exactly(tiny_chain, tmp_path, 
     tokens = torch.randint(7, 2048, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(unmerged(tokens), merged.eval()(tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.integration
+def test_a_lora_checkpoint_references_its_frozen_base_instead_of_rewriting_it(tiny_chain, tmp_path):
+    """The tiny chain's PPO is LoRA on its full SFT policy: its model.safetensors holds none of the
+    frozen base (the manifest names the base by path + sha256), and loading gives the whole model."""
+    import shutil
+
+    from palmrl import checkpoint
+    from palmrl.errors import UserError
+
+    lora, parent = checkpoint.load(tiny_chain / "ppo"), checkpoint.load(tiny_chain / "sft")
+    base = lora.manifest["base"]
+    assert base["sha256"] == parent.content_hash == checkpoint.load(base["path"]).content_hash
+    own = lora._header_shapes(checkpoint.WEIGHTS)
+    full = parent.weights()
+    assert not set(own) & set(full)  # nothing of the base is written again
+    assert (lora.path / checkpoint.WEIGHTS).stat().st_size < (parent.path / checkpoint.WEIGHTS).stat().st_size / 100
+    weights = lora.weights()
+    assert weights.keys() == full.keys() and all(torch.equal(weights[k], full[k]) for k in full)
+    assert lora.weight_shapes() == {k: tuple(v.shape) for k, v in full.items()}
+    assert lora.content_hash not in (parent.content_hash, lora.manifest["files"][checkpoint.WEIGHTS])
+
+    def moved(edit) -> checkpoint.Checkpoint:
+        folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(lora.path, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        edit(manifest["base"])
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return checkpoint.load(folder)
+
+    gone = moved(lambda b: b.update(path=str(tmp_path / "nowhere")))
+    with pytest.raises(UserError, match=r"its frozen base .*nowhere cannot be opened"):
+        gone.weights()
+    other = moved(lambda b: b.update(path=str((tiny_chain / "reward" / "final").resolve())))
+    with pytest.raises(UserError, match="has changed since"):
+        checkpoint.model_from_checkpoint(other)
 
 
 @pytest.mark.integration

@@ -9,6 +9,11 @@
     perplexity  a text file: mean negative log-likelihood per token and its exp, over consecutive
                 windows of the model's context
 
+    harness     lm-evaluation-harness tasks (`harness=hellaswag` or `harness=[my_task]` with
+                `harness_options.include_path=<a folder of task YAMLs>`), run by lm-eval on the
+                checkpoint exported as a Hugging Face folder (checkpoints started from model=hf;
+                `pip install lm-eval`)
+
 Results go to <out_dir>/<checkpoint name>.json and .md (out_dir: runs/<run_name>/eval), one file
 per checkpoint, so several checkpoints evaluated into one run compare side by side, and
 `palmrl report runs/<run_name>` shows them.
@@ -112,6 +117,45 @@ def perplexity_results(model, tokenizer, cfg: DictConfig, device: torch.device) 
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count), "file": str(path)}
 
 
+def harness_results(ckpt: checkpoint.Checkpoint, names: list[str], cfg: DictConfig, device: torch.device) -> dict:
+    """lm-evaluation-harness on the checkpoint exported (LoRA merged) to a temporary HF folder:
+    {task: {metric: value}} from lm-eval's results."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("harness: lm-evaluation-harness is not installed (pip install lm-eval)") from None
+    from palmrl.model.registry import config_from_dict
+
+    if getattr(config_from_dict(ckpt.model_config), "family", None) != "hf":
+        raise UserError(f"harness: {ckpt.path} is a PaLM checkpoint; lm-eval loads a Hugging Face folder, which only "
+                        f"checkpoints started from model=hf export to (checker, qa and perplexity work on any)")
+    include = cfg.get("include_path")
+    if include and not Path(str(include)).is_dir():
+        raise UserError(f"harness_options.include_path: {include} is not a folder of task YAMLs")
+    import tempfile
+
+    model, _ = checkpoint.policy_from_checkpoint(ckpt)
+    with tempfile.TemporaryDirectory(prefix="palmrl-harness-") as tmp:
+        folder = checkpoint.export_hf(model, ckpt.tokenizer(), Path(tmp) / "hf")
+        del model
+        # your own tasks alone first: indexing lm-eval's thousands of built-in task YAMLs takes minutes
+        manager = TaskManager(include_path=str(include), include_defaults=False) if include else None
+        if manager is None or any(n not in manager.all_tasks for n in names):
+            manager = TaskManager(include_path=str(include) if include else None)
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            raise UserError(f"harness: lm-eval knows no task {unknown[0]!r} (add harness_options.include_path=<folder "
+                            f"of task YAMLs> for your own)")
+        out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+                                      tasks=list(names), num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
+                                      batch_size=int(cfg.get("batch_size") or 8), device=str(device),
+                                      task_manager=manager, log_samples=False)
+    return {task: {metric.replace(",none", ""): value for metric, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for task, metrics in (out or {}).get("results", {}).items()}
+
+
 def markdown(name: str, results: dict) -> str:
     lines = [f"# palmrl eval: `{name}`", "", f"checkpoint `{results['checkpoint']['path']}` "
              f"({results['checkpoint']['stage']}, step {results['checkpoint']['step']})", "",
@@ -128,9 +172,11 @@ def markdown(name: str, results: dict) -> str:
 
 def run(cfg: DictConfig) -> Path:
     seed_everything(int(cfg.seed))
-    chosen = list(cfg.tasks) if not isinstance(cfg.tasks, str) else [cfg.tasks]
+    chosen = list(cfg.tasks or []) if not isinstance(cfg.tasks, str) else [cfg.tasks]
+    harness = cfg.get("harness") or []
+    harness = [str(harness)] if isinstance(harness, str) else [str(h) for h in harness]
     unknown = [t for t in chosen if t not in TASKS]
-    if unknown or not chosen:
+    if unknown or not (chosen or harness):
         raise UserError(f"tasks: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}" if unknown
                         else f"tasks: give at least one of {', '.join(TASKS)}")
     # the cheap checks first: the files each task reads, then the checkpoint and the model
@@ -158,6 +204,10 @@ def run(cfg: DictConfig) -> Path:
         results["tasks"]["qa"] = {**qa_results(model, tokenizer, cfg.qa, qa), "file": str(cfg.qa.path)}
     if "perplexity" in chosen:
         results["tasks"]["perplexity"] = perplexity_results(model, tokenizer, cfg.perplexity, device)
+    if harness:
+        del model
+        for task, metrics in harness_results(ckpt, harness, cfg.harness_options, device).items():
+            results["tasks"][f"harness:{task}"] = metrics
 
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)

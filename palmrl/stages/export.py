@@ -21,11 +21,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from palmrl import checkpoint
+from palmrl.checkpoint import export_hf
 from palmrl.errors import UserError
-from palmrl.io import check_output_file, quiet_transformers, readable_by_umask, transformers
+from palmrl.io import check_output_file, readable_by_umask
 from palmrl.model.hf import HFCausalLM
 from palmrl.model.registry import config_from_dict
-from palmrl.tokenizer import HEADERS_TEMPLATE, HFTokenizer
 
 
 def run(cfg: DictConfig) -> Path:
@@ -113,25 +113,3 @@ def check_export_target(out: Path, source: Path, *, overwrite: bool) -> None:
         if not (out / EXPORT_MARKER).is_file():
             raise UserError(f"out: {out} is not a folder palmrl export wrote (no {EXPORT_MARKER}); overwrite=true "
                             f"only replaces an earlier export")
-
-
-def export_hf(model: HFCausalLM, tokenizer: HFTokenizer, folder: Path) -> Path:
-    """Write `model` (LoRA already merged) as a standard HF folder: config, safetensors, tokenizer."""
-    tf = transformers()
-    hf_config = tf.AutoConfig.for_model(**model.config.hf_config)
-    fresh = tf.AutoModelForCausalLM.from_config(hf_config)
-    state = model.hf_state_dict()
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise UserError(f"export: weights do not fit {hf_config.model_type} "
-                        f"(missing {sorted(set(missing) - tied)[:2]}, unexpected {sorted(unexpected)[:2]})")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with quiet_transformers():
-        fresh.save_pretrained(str(folder), safe_serialization=True)
-    if not tokenizer.has_template:  # the policy was trained on palmrl's header format: say so
-        tokenizer.tk.chat_template = HEADERS_TEMPLATE
-    tokenizer.tk.save_pretrained(str(folder))
-    readable_by_umask(folder)
-    return folder
