@@ -175,12 +175,15 @@ class Checkpoint:
 
     @property
     def content_hash(self) -> str:
-        """The weights' identity: model.safetensors' sha256, joined with its base's when it has one."""
-        own = self.manifest.get("files", {}).get(WEIGHTS, "")
-        spec = self.manifest.get("base")
-        if not spec:
+        """The weights' identity: model.safetensors' sha256 alone for a folder that holds every weight
+        and no adapters; otherwise a digest of it, adapters.safetensors' and the base's, so two LoRA
+        checkpoints on one base never share an identity."""
+        files = self.manifest.get("files", {})
+        own, adapters, spec = files.get(WEIGHTS, ""), files.get(ADAPTERS), self.manifest.get("base")
+        if not spec and not adapters:
             return own
-        return hashlib.sha256(f"{own}:{spec.get('sha256', '')}".encode()).hexdigest()
+        base = spec.get("sha256", "") if spec else ""
+        return hashlib.sha256(f"{own}:{adapters or ''}:{base}".encode()).hexdigest()
 
     def lineage(self) -> dict:
         return {"path": str(self.path.resolve()), "stage": self.stage, "step": self.manifest.get("step"),
