@@ -185,6 +185,11 @@ class Checkpoint:
         base = spec.get("sha256", "") if spec else ""
         return hashlib.sha256(f"{own}:{adapters or ''}:{base}".encode()).hexdigest()
 
+    def short_name(self, sep: str = "/") -> str:
+        """runs/<run>/<stage>/final -> "<run><sep><stage>"; a step folder keeps its step."""
+        parts = self.path.resolve().parts
+        return sep.join(parts[-3:-1] if parts[-1] == "final" else parts[-3:])
+
     def lineage(self) -> dict:
         return {"path": str(self.path.resolve()), "stage": self.stage, "step": self.manifest.get("step"),
                 "sha256": self.content_hash}

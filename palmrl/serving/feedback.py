@@ -118,17 +118,7 @@ class Feedback:
 
     def __init__(self, folder: str | Path, model_names: list[str], *, num_bins: int = 5, seed: int = 0,
                  max_pending: int = 10_000):
-        self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise UserError(f"feedback_dir: {self.folder} exists and is not a folder")
-        existing = next(p for p in (self.folder, *self.folder.absolute().parents) if p.exists())
-        if not os.access(existing, os.W_OK):  # found now, not at the first click (the folder is made then)
-            raise UserError(f"feedback_dir: {existing} is not writable, so labels could not be saved under "
-                            f"{self.folder}")
-        for name in FILES.values():
-            path = self.folder / name
-            if path.exists() and not path.is_file():
-                raise UserError(f"feedback_dir: {path} exists and is not a file")
+        self.folder = check_feedback_dir(folder)
         self.paths = {key: self.folder / name for key, name in FILES.items()}
         self.model_names, self.num_bins, self.max_pending = list(model_names), int(num_bins), int(max_pending)
         self.rng = random.Random(seed)
@@ -213,6 +203,21 @@ class Feedback:
 
     def stats(self) -> dict:
         return judgement_stats(read_lines(self.paths["judgements"]))
+
+
+def check_feedback_dir(folder: str | Path) -> Path:
+    """The label folder can be written, found at startup rather than at the first click (the folder
+    itself is made then)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"feedback_dir: {folder} exists and is not a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"feedback_dir: {existing} is not writable, so labels could not be saved under {folder}")
+    for name in FILES.values():
+        if (folder / name).exists() and not (folder / name).is_file():
+            raise UserError(f"feedback_dir: {folder / name} exists and is not a file")
+    return folder
 
 
 def check_annotator(value: object) -> str:

@@ -140,9 +140,7 @@ class Engine:
         self.chat = self.checkpoint.stage != "pretrain" if str(chat) == "auto" else bool(chat)
         self.max_seq_len = int(self.model.config.max_seq_len)
         self.stop_ids = template_ids(self.tokenizer) | {self.tokenizer.eos_id}
-        # runs/<run>/<stage>/final -> "<run>/<stage>"; a step folder keeps its step
-        parts = self.checkpoint.path.resolve().parts
-        self.name = "/".join(parts[-3:-1] if parts[-1] == "final" else parts[-3:])
+        self.name = self.checkpoint.short_name()  # "<run>/<stage>"
 
     def lineage(self) -> dict:
         return self.checkpoint.lineage()

@@ -44,12 +44,6 @@ def normalise_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).removesuffix(".").strip()
 
 
-def checkpoint_name(ckpt: checkpoint.Checkpoint) -> str:
-    """runs/<run>/<stage>/final -> "<run>-<stage>"; a step folder keeps its step."""
-    parts = ckpt.path.resolve().parts
-    return "-".join(parts[-3:-1] if parts[-1] == "final" else parts[-3:])
-
-
 def checker_results(model, tokenizer, cfg: DictConfig) -> dict:
     names = list(cfg.tasks) if cfg.get("tasks") else None
     examples = tasks.make_examples("test", int(cfg.examples), seed=0, tasks=names)
@@ -67,8 +61,6 @@ def qa_records(path: str, *, need_answer: bool) -> list[dict]:
     records = []
     for number, record in read_jsonl(Path(path), key="qa.path"):
         where = f"{path}:{number}"
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object with \"prompt\" (and \"answer\")")
         if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise UserError(f"{where}: expected a non-empty \"prompt\" string")
         if need_answer and not isinstance(record.get("answer"), str):
@@ -211,7 +203,7 @@ def run(cfg: DictConfig) -> Path:
 
     out_dir = Path(str(cfg.out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(ckpt)
+    name = ckpt.short_name("-")
     write_atomic(out_dir / f"{name}.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out_dir / f"{name}.md", markdown(name, results))
     rows = {f"{task} {key}": value for task, metrics in results["tasks"].items() for key, value in metrics.items()

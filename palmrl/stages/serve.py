@@ -18,7 +18,7 @@ from palmrl.errors import UserError
 from palmrl.runtime import seed_everything
 from palmrl.selfinstruct.filters import dataclass_from_cfg
 from palmrl.serving.app import Limits, Server, build_app
-from palmrl.serving.feedback import Feedback, PromptQueue, load_prompts
+from palmrl.serving.feedback import Feedback, PromptQueue, check_feedback_dir, load_prompts
 from palmrl.serving.generator import Engine
 from palmrl.serving.scheduler import Batching
 from palmrl.tracking import console
@@ -89,13 +89,12 @@ def run(cfg: DictConfig) -> Path | None:
         raise UserError(f"port must be in 1..65535, got {port}")
     token = check_auth(host, cfg.get("auth_token"))
     check_port_free(host, port)
-    checkpoints = served_checkpoints(cfg)
     prompts = load_prompts(cfg.prompts) if cfg.get("prompts") else None
     if prompts is not None and not cfg.get("feedback_dir"):
         raise UserError("prompts: a labelling queue needs feedback_dir=<folder> to write the labels to")
     feedback_dir = Path(str(cfg.feedback_dir)) if cfg.get("feedback_dir") else None
-    if feedback_dir is not None:  # its checks run before the models load
-        Feedback(feedback_dir, [key for key, _ in checkpoints])
+    if feedback_dir is not None:  # before the models load
+        check_feedback_dir(feedback_dir)
     servers = build_servers(cfg)
     feedback = queue = None
     if feedback_dir is not None:
