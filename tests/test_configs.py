@@ -27,6 +27,15 @@ def test_cli_table_matches_stage_configs():
     assert set(STAGES) == set(STAGE_FILES)
 
 
+def test_pipeline_docs_list_the_stage_overrides_configs_pipeline_yaml_holds():
+    """docs/pipeline.md's table of default stage_overrides is configs/pipeline.yaml's, row for row."""
+    overrides = yaml.safe_load((CONFIG_DIR / "pipeline.yaml").read_text())["stage_overrides"]
+    doc = (CONFIG_DIR.parent / "docs" / "pipeline.md").read_text()
+    table = dict(re.findall(r"^\| (\w+) \| `([^`]*)` \|$", doc.split("| stage | overrides |", 1)[1].split("\n\n", 1)[0],
+                            flags=re.M))
+    assert table == {stage: " ".join(args) for stage, args in overrides.items() if args}
+
+
 @pytest.mark.parametrize("stage", STAGE_FILES)
 def test_stage_config_composes_and_starts_with_its_command(stage):
     cfg = compose(stage)
