@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import deepspeed
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -98,6 +99,7 @@ class Rollout(NamedTuple):
     scores: Tensor          # (B,) scores added at the last token (after normalising, penalty, clip)
     prompt_length: int      # P: the response starts at this position
     old_logits: Tensor | None  # (B, N, V) actor logits at sampling time; kept only for ppo.variant=reference
+    informative: Tensor | None = None  # (B,) bool, GRPO's dynamic sampling: rows of groups whose scores differ
 
 
 class Sampled(NamedTuple):
@@ -107,12 +109,44 @@ class Sampled(NamedTuple):
     attention_mask: Tensor  # (B, P+N) bool
     mask: Tensor            # (B, N) bool, response tokens incl. eos
     prompt_length: int      # P
-    logits: Tensor          # (B, P+N, V) actor logits at sampling time
+    logits: Tensor | None   # (B, P+N, V) actor logits at sampling time (None once rows of several batches are gathered)
     logprobs: Tensor        # (B, N) actor log-probs at sampling time
     ref_logprobs: Tensor    # (B, N) frozen reference log-probs
     values: Tensor          # (B, N) critic values (zeros without a critic)
     scores: Tensor          # (B,) scores after the no-eos penalty and clip
     stats: dict             # reward, entropy, lengths, eos rate, rollout speed (+ true reward, behaviour rate)
+
+
+def gather_rows(parts: Sequence[Sampled], picks: Sequence[tuple[int, Tensor]], pad_id: int) -> Sampled:
+    """Rows of several Sampled batches as one: `picks` holds (part, row indices) in order. Prompt
+    blocks are left-padded and responses right-padded to the widest part (a left-padded row gets the
+    same logits; padding is masked everywhere). `logits` is not carried (None); stats are the first part's."""
+    P = max(part.prompt_length for part in parts)
+    N = max(part.mask.shape[1] for part in parts)
+
+    def pad(x: Tensor, left: int, right: int, value) -> Tensor:
+        shape = list(x.shape)
+        pieces = []
+        if left:
+            pieces.append(x.new_full([shape[0], left, *shape[2:]], value))
+        pieces.append(x)
+        if right:
+            pieces.append(x.new_full([shape[0], right, *shape[2:]], value))
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else x
+
+    fields = {k: [] for k in ("sequences", "attention_mask", "mask", "logprobs", "ref_logprobs", "values", "scores")}
+    for index, rows in picks:
+        part = parts[index]
+        left, right = P - part.prompt_length, N - part.mask.shape[1]
+        fields["sequences"].append(pad(part.sequences[rows], left, right, pad_id))
+        fields["attention_mask"].append(pad(part.attention_mask[rows], left, right, False))
+        fields["mask"].append(pad(part.mask[rows], 0, right, False))
+        for key in ("logprobs", "ref_logprobs", "values"):
+            fields[key].append(pad(getattr(part, key)[rows], 0, right, 0.0))
+        fields["scores"].append(part.scores[rows])
+    cat = {k: torch.cat(v) for k, v in fields.items()}
+    return Sampled(cat["sequences"], cat["attention_mask"], cat["mask"], P, None, cat["logprobs"],
+                   cat["ref_logprobs"], cat["values"], cat["scores"], dict(parts[0].stats))
 
 
 class Models(NamedTuple):
@@ -350,15 +384,22 @@ class OnlineRecipe(ABC):
         return {**stats, **sums}
 
     @torch.no_grad()
-    def sample_and_score(self, step: int) -> Sampled:
+    def sample_and_score(self, step: int, extra_round: int = 0) -> Sampled:
         """This iteration's prompts, `group` responses to each, their sampling-time and reference
-        log-probs, values and scores: everything PPO and GRPO need before their advantages."""
+        log-probs, values and scores: everything PPO and GRPO need before their advantages.
+        `extra_round` > 0 (GRPO's dynamic sampling): as many other prompts, drawn at random for this
+        step, round and rank (so a resumed run draws them again), with their own sampling seed."""
         ppo, models, device, eos_id = self.ppo, self.models, self.dist.device, self.tokenizer.eos_id
         # several responses to each prompt: contrasting them is the strongest signal a binary
         # reward gives, and the critic sees several outcomes of one state
-        indices = [i for i in self.order.indices(step - 1) for _ in range(self.group)]
+        chosen = self.order.indices(step - 1)
+        if extra_round:
+            rng = np.random.default_rng([self.seed, step, extra_round, self.dist.rank])
+            chosen = rng.choice(len(self.prompts), size=len(chosen), replace=len(chosen) > len(self.prompts)).tolist()
+        indices = [i for i in chosen for _ in range(self.group)]
         batch_prompts = [self.prompts[i] for i in indices]
-        generator = seeded_generator(self.seed * 1_000_003 + step * 101 + self.dist.rank, self.dist.device)
+        generator = seeded_generator(self.seed * 1_000_003 + step * 101 + self.dist.rank + extra_round * 7919,
+                                     self.dist.device)
         models.module.eval()
         t0 = time.perf_counter()
         with self.policy_for_generation(), lora_scope(models.palm, ACTOR if models.use_lora else None):

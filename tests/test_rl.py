@@ -457,6 +457,30 @@ def test_grpo_loss_clips_each_side_and_normalises_length_as_configured():
 
 
 @pytest.mark.unit
+def test_grpo_loss_over_informative_rows_only():
+    """Dynamic sampling: rows of flat groups (advantage 0) leave the policy term's average; the KL term
+    keeps every row; all rows informative is the plain loss bit for bit."""
+    torch.manual_seed(0)
+    mask = torch.rand(6, 5) > 0.2
+    mask[:, 0] = True
+    lp, old, ref = torch.randn(6, 5) - 2, torch.randn(6, 5) - 2, torch.randn(6, 5) - 2
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.5, -0.5])
+    keep = adv != 0
+    kwargs = dict(clip_low=0.2, clip_high=0.28, ref_logprobs=ref, beta=0.1)
+    plain = rl.grpo_policy_loss(lp, old, adv, mask, **kwargs)
+    assert torch.equal(rl.grpo_policy_loss(lp, old, adv, mask, informative=torch.ones(6, dtype=torch.bool),
+                                           **kwargs).loss, plain.loss)
+    some = rl.grpo_policy_loss(lp, old, adv, mask, informative=keep, **kwargs)
+    no_kl = rl.grpo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    only_kl = (plain.loss - no_kl.loss).item()  # beta * mean over all rows of the per-row KL
+    # the policy term over the 4 informative rows = the 6-row mean scaled by 6/4 (flat rows contribute 0)
+    assert some.policy_loss.item() == pytest.approx(no_kl.policy_loss.item() * 6 / 4, rel=1e-6)
+    assert some.loss.item() == pytest.approx(some.policy_loss.item() + only_kl, rel=1e-6)
+    none = rl.grpo_policy_loss(lp, old, adv, mask, informative=torch.zeros(6, dtype=torch.bool), **kwargs)
+    assert none.policy_loss == 0 and none.loss.item() == pytest.approx(only_kl, rel=1e-6)
+
+
+@pytest.mark.unit
 def test_grpo_kl_term_is_k3_and_pulls_towards_the_reference():
     mask = torch.ones(1, 3, dtype=torch.bool)
     lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)

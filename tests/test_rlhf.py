@@ -142,6 +142,64 @@ def test_grpo_trains_the_actor_scope_with_group_advantages(tiny_chain, tmp_path,
     assert any(v.abs().sum() > 0 for k, v in ckpt.adapters().items() if "lora_B" in k), "actor did not move"
 
 
+def constant(prompts, responses):
+    """Every response scores the same: every group is flat, GRPO has nothing to learn from."""
+    return [1.0] * len(responses)
+
+
+def first_char_is_digit(prompts, responses):
+    return [float(r[:1].isdigit()) for r in responses]
+
+
+@pytest.mark.integration
+def test_grpo_dynamic_sampling_keeps_informative_groups(tiny_chain, tmp_path, dist_env):
+    """DAPO's dynamic sampling: with every group flat, each iteration takes all its rollouts and has no
+    policy term (only the KL term, 0 at the start); off (1), one rollout and the plain loss."""
+    common = [f"policy={tiny_chain / 'sft'}", *GRPO_SMALL, "train.max_steps=2", "grpo.missing_eos_penalty=null"]
+    out = run_stage("grpo", [*common, "reward_fn=test_rlhf.constant", "grpo.dynamic_sampling=3",
+                             f"out_dir={tmp_path / 'flat'}"])
+    rows = [m for m in metrics(out.parent) if m["split"] == "train"]
+    assert [(r["flat_groups"], r["sampling_rounds"], r["informative_groups"]) for r in rows] == [(1.0, 3, 0.0)] * 2
+    assert all(r["policy_loss"] == 0.0 for r in rows)
+    off = run_stage("grpo", [*common, "reward_fn=test_rlhf.constant", "grpo.dynamic_sampling=1",
+                             f"out_dir={tmp_path / 'off'}"])
+    assert not any("sampling_rounds" in r for r in metrics(off.parent))
+
+    # a reward that differs in some groups: those found in later rounds join the batch (16 rows, 4 groups)
+    out = run_stage("grpo", [*common, "reward_fn=test_rlhf.first_char_is_digit", "grpo.dynamic_sampling=4",
+                             f"out_dir={tmp_path / 'some'}"])
+    rows = [m for m in metrics(out.parent) if m["split"] == "train"]
+    for r in rows:
+        assert 1 <= r["sampling_rounds"] <= 4
+        assert r["informative_groups"] >= 1 - r["flat_groups"] - 1e-9  # never fewer than the first rollout had
+        assert r["sampling_rounds"] == 1 or r["flat_groups"] > 0
+    # measured: the first rollouts all flat, half of each batch found in the later rounds
+    assert any(r["informative_groups"] > 1 - r["flat_groups"] and r["policy_loss"] != 0 for r in rows), rows
+
+
+@pytest.mark.unit
+def test_gather_rows_pads_prompts_left_and_responses_right():
+    from palmrl.rlhf import Sampled, gather_rows
+
+    def part(P, N, fill):
+        B = 2
+        seq = torch.full((B, P + N), fill)
+        attn = torch.ones(B, P + N, dtype=torch.bool)
+        mask = torch.ones(B, N, dtype=torch.bool)
+        values = torch.full((B, N), float(fill))
+        return Sampled(seq, attn, mask, P, None, values, values, values, torch.tensor([fill, fill + 0.5]), {"n": fill})
+
+    a, b = part(3, 2, 1), part(5, 4, 2)
+    out = gather_rows([a, b], [(1, torch.tensor([1])), (0, torch.tensor([0, 1]))], pad_id=0)
+    assert out.prompt_length == 5 and out.sequences.shape == (3, 9) and out.stats == {"n": 1}
+    assert out.sequences[0].tolist() == [2] * 9
+    assert out.sequences[1].tolist() == [0, 0, 1, 1, 1, 1, 1, 0, 0]  # 2 pads left, 2 right
+    assert out.attention_mask[1].tolist() == [False, False] + [True] * 5 + [False, False]
+    assert out.mask[1].tolist() == [True, True, False, False]
+    assert out.logprobs[1].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert out.scores.tolist() == [2.5, 1.0, 1.5]
+
+
 @pytest.mark.integration
 def test_grpo_resumes_exactly(tiny_chain, tmp_path, dist_env):
     from palmrl import checkpoint

@@ -212,7 +212,7 @@ class GRPOLoss(NamedTuple):
 def grpo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float,
     clip_high: float, ref_logprobs: Tensor | None = None, beta: float = 0.0, length_norm: bool = True,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, informative: Tensor | None = None,
 ) -> GRPOLoss:
     """GRPO's objective (Shao et al. 2024) as a loss to minimise.
 
@@ -221,6 +221,9 @@ def grpo_policy_loss(
     bounds: DAPO's clip-higher) + beta·k3(pi, ref). `length_norm=True` averages each sequence's tokens,
     then the sequences (GRPO); False sums each sequence's tokens and divides by the constant
     `max_tokens` (Dr. GRPO: a long wrong answer is not penalised less per token than a short one).
+    `informative` (B,) bool (DAPO's dynamic sampling): the policy term is averaged over these rows
+    only, so the rows of groups that all scored alike (advantage 0, nothing to learn) do not dilute
+    it; the KL term still covers every row. A minibatch without one informative row has no policy term.
     """
     mask = mask.to(torch.bool)
     old_logprobs, advantages = old_logprobs.detach().float(), advantages.detach().float()[:, None]
@@ -236,17 +239,25 @@ def grpo_policy_loss(
         kl = torch.zeros_like(per_token)
     total = per_token + beta * kl
 
-    def reduce(x: Tensor) -> Tensor:
+    def reduce(x: Tensor, rows: Tensor | None = None) -> Tensor:
         x = torch.where(mask, x, 0.0)
         if length_norm:
-            return (x.sum(1) / mask.sum(1).clamp(min=1)).mean()
-        if not max_tokens:
-            raise ValueError("grpo_policy_loss: length_norm=False needs max_tokens")
-        return (x.sum(1) / max_tokens).mean()
+            per_row = x.sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            if not max_tokens:
+                raise ValueError("grpo_policy_loss: length_norm=False needs max_tokens")
+            per_row = x.sum(1) / max_tokens
+        if rows is None:
+            return per_row.mean()
+        return torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp(min=1)
 
-    loss = reduce(total)
+    rows = None if informative is None or bool(informative.all()) else informative.to(torch.bool)
+    if rows is None:  # every row informative: the plain mean (bit for bit what GRPO always computed)
+        loss = reduce(total)
+    else:
+        loss = reduce(per_token, rows) + beta * reduce(kl)
     with torch.no_grad():
-        return GRPOLoss(loss=loss, policy_loss=reduce(per_token), kl=masked_mean(kl, mask),
+        return GRPOLoss(loss=loss, policy_loss=reduce(per_token, rows), kl=masked_mean(kl, mask),
                         clip_frac=masked_mean((clipped > unclipped).float(), mask))
 
 

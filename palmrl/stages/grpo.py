@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 
 from palmrl import rl
 from palmrl.config import Invalid
-from palmrl.rlhf import OnlineRecipe, Rollout, run_online
+from palmrl.rlhf import OnlineRecipe, Rollout, Sampled, gather_rows, run_online
+from palmrl.runtime import any_rank
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class GRPOConfig:
     score_clip: float | None = 5.0
     max_kl: float = 25.0                # stop (keeping the last good checkpoint) past this mean KL per sequence
     gather_for_rollout: bool = True     # ZeRO-3: gather the policy once per rollout
+    dynamic_sampling: int = 4           # DAPO: up to this many rollouts per iteration while groups score alike; 1 = off
 
     def __post_init__(self):
         for key in ("rollout_batch", "minibatch", "epochs", "max_new_tokens"):
@@ -67,6 +69,8 @@ class GRPOConfig:
                 raise Invalid(key, f"must be >= 0, got {getattr(self, key)}")
         if not 0 < self.top_p <= 1:
             raise Invalid("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.dynamic_sampling < 1:
+            raise Invalid("dynamic_sampling", f"must be >= 1 (1 = off), got {self.dynamic_sampling}")
         if not 0 < self.clip_low < 1:
             raise Invalid("clip_low", f"must be in (0, 1), got {self.clip_low}")
         for key in ("clip_high", "max_kl", "score_clip"):
@@ -112,23 +116,64 @@ class GRPORecipe(OnlineRecipe):
 
     @torch.no_grad()
     def rollout(self, step: int) -> tuple[Rollout, dict]:
-        seq, attn, mask, P, _, logprobs, ref_logprobs, values, scores, stats = self.sample_and_score(step)
+        sampled = self.sample_and_score(step)
+        stats = sampled.stats
+        flat = self.flat(sampled.scores)
+        stats["flat_groups"] = flat.float().mean().item()  # no signal: all alike
+        informative = None
+        if self.ppo.dynamic_sampling > 1:
+            sampled, informative, rounds = self.dynamic_sampling(step, sampled, flat)
+            useful = informative.view(-1, self.group)[:, 0].float().mean().item()
+            stats.update(sampling_rounds=rounds, informative_groups=useful)
+        seq, attn, mask, P, _, logprobs, ref_logprobs, values, scores, _ = sampled
         advantages = rl.group_advantages(scores, self.group, scale=self.ppo.scale)  # (B,)
         kl = (torch.where(mask, logprobs - ref_logprobs, 0.0)).sum(1).mean().item()  # k1 per sequence, as PPO's
-        groups = scores.view(-1, self.group)
-        stats = {"reward": stats.pop("reward"), "kl": kl, "kl_coef": self.ppo.beta, **stats,
-                 "flat_groups": (groups.std(1) == 0).float().mean().item()}  # no signal: all alike
+        stats = {"reward": stats.pop("reward"), "kl": kl, "kl_coef": self.ppo.beta, **stats}
         zeros = torch.zeros_like(logprobs)
         per_token = advantages[:, None].expand_as(logprobs).contiguous()
         return Rollout(seq, attn, mask, logprobs, ref_logprobs, values, zeros, per_token, zeros, scores, P,
-                       None), stats
+                       None, informative), stats
+
+    def flat(self, scores: torch.Tensor) -> torch.Tensor:
+        """(groups,) bool: every response to the prompt scored the same (its advantages are all 0)."""
+        groups = scores.view(-1, self.group)
+        return (groups == groups[:, :1]).all(dim=1)
+
+    def dynamic_sampling(self, step: int, first: Sampled, flat: torch.Tensor) -> tuple[Sampled, torch.Tensor, int]:
+        """DAPO's dynamic sampling (Yu et al. 2025): while fewer than all of the iteration's groups differ
+        in score, sample groups for other prompts (up to `dynamic_sampling` rollouts in all; every rank
+        takes as many, since forwards may be collectives), keep the informative ones, and fill what is
+        left with the first rollout's flat groups. Returns the batch, its rows' informative flags, rounds."""
+        G, wanted = self.group, flat.numel()
+        parts, found = [first], [(0, (~flat).nonzero().flatten())]
+        count = int((~flat).sum())
+        rounds = 1
+        while rounds < self.ppo.dynamic_sampling and any_rank(count < wanted)[0]:
+            extra = self.sample_and_score(step, extra_round=rounds)
+            for key in ("time_generate_s", "time_score_s"):
+                first.stats[key] += extra.stats[key]
+            groups = (~self.flat(extra.scores)).nonzero().flatten()[:max(wanted - count, 0)]
+            parts.append(extra)
+            found.append((rounds, groups))
+            count += groups.numel()
+            rounds += 1
+        if len(parts) == 1 and count == wanted:
+            return first, torch.ones(first.scores.shape[0], dtype=torch.bool, device=first.scores.device), 1
+        fill = flat.nonzero().flatten()[:wanted - count]  # the first rollout's flat groups, where too few differ
+        picks = [(part, groups, True) for part, groups in found] + [(0, fill, False)]
+        picks = [(part, (groups[:, None] * G + torch.arange(G, device=groups.device)).flatten(), useful)
+                 for part, groups, useful in picks if groups.numel()]
+        informative = torch.cat([torch.full((rows.numel(),), useful, dtype=torch.bool) for _, rows, useful in picks])
+        batch = gather_rows(parts, [(part, rows) for part, rows, _ in picks], self.tokenizer.pad_id)
+        return batch, informative.to(first.scores.device), rounds
 
     def minibatch_loss(self, data: Rollout, idx, logits, values) -> tuple[torch.Tensor, dict]:
         grpo, mask = self.ppo, data.mask[idx]
         logprobs = rl.token_logprobs(logits, data.sequences[idx, data.prompt_length:])
         out = rl.grpo_policy_loss(logprobs, data.logprobs[idx], data.advantages[idx, 0], mask,
                                   clip_low=grpo.clip_low, clip_high=grpo.clip_high, ref_logprobs=data.ref_logprobs[idx],
-                                  beta=grpo.beta, length_norm=grpo.scale == "std", max_tokens=grpo.max_new_tokens)
+                                  beta=grpo.beta, length_norm=grpo.scale == "std", max_tokens=grpo.max_new_tokens,
+                                  informative=None if data.informative is None else data.informative[idx])
         loss = out.loss
         if grpo.entropy_coef:
             loss = loss - grpo.entropy_coef * rl.masked_mean(rl.entropy_from_logits(logits), mask)
