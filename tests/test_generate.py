@@ -21,6 +21,31 @@ def tiny_model(**overrides) -> PaLM:
     return PaLM(config)
 
 
+def test_cpu_decoding_steps_use_transposed_weights_with_the_same_logits():
+    """A CPU cache multiplies one-token steps by (in, out) weight copies, LoRA updates included: the
+    logits match F.linear's path to float rounding; a meta-device cache (as for a GPU) keeps F.linear."""
+    from palmrl.model.lora import LoRAConfig, add_lora, lora_scope
+
+    model = tiny_model(kv_heads=2).eval()
+    add_lora(model, "actor", LoRAConfig(rank=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a live update (B starts at 0)
+    tokens, mask = left_pad(PROMPTS, pad_id=0)
+    nxt = torch.tensor([[3], [4], [5]])
+    with torch.no_grad(), lora_scope(model, "actor"):
+        logits = []
+        for transposed in (True, False):
+            cache = model.new_cache(3, 12)
+            assert cache.transposed
+            cache.transposed = transposed
+            model(tokens, attention_mask=mask, cache=cache, last_only=True)
+            logits.append(model(nxt, cache=cache, last_only=True))
+            assert len(cache._weights_t) == (2 * 3 + 1 if transposed else 0)  # 3 matrices a layer + the output
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+    assert not model.new_cache(1, 4, device="meta").transposed
+
+
 def test_left_pad():
     tokens, mask = left_pad(PROMPTS, pad_id=0)
     assert tokens.tolist()[1] == [0, 0, 0, 11, 12]

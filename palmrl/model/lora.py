@@ -84,14 +84,16 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)
+        update = self.lora_update(x)
+        return out if update is None else out + update
+
+    def lora_update(self, x: Tensor) -> Tensor | None:
+        """The active scope's low-rank update of x's output (None without an active scope)."""
         scope = self.active_scope
         if scope is None or scope not in self.lora_A:
-            return out
-
-        # low-rank update through the active scope's adapters
+            return None
         x = F.dropout(x, self.lora_dropout[scope], self.training)
-        update = F.linear(F.linear(x, self.lora_A[scope]), self.lora_B[scope])
-        return out + update * self.lora_scaling[scope]
+        return F.linear(F.linear(x, self.lora_A[scope]), self.lora_B[scope]) * self.lora_scaling[scope]
 
 
 def _lora_modules(model: nn.Module) -> Iterator[LoRALinear]:
