@@ -109,9 +109,9 @@ def test_sft_reward_ppo_sample_export_on_an_hf_model(hf_run, dist_env):
         assert sft["metrics"]["format_rate"] >= 0.8
 
     run_stage("reward", [f"init_from={root / 'sft'}", TASKS, "lora=none", f"train.max_steps={400 if full else 6}",
-                         "train.eval_every=0", "data.train_size=2048", "data.val_size=256", "train.micro_batch_size=32",
-                         "train.save_every=0", "optim.lr=3e-3", f"out_dir={root / 'reward'}"])
-    if full:
+                         "train.eval_every=0", "data.train_size=4096", "data.val_size=256", "train.micro_batch_size=32",
+                         "train.save_every=0", "optim.lr=1e-3", f"out_dir={root / 'reward'}"])
+    if full:  # measured 0.68 (at 3e-3 on 2048 pairs it overfitted: 0.58, held-out loss above log 2)
         assert manifest(root / "reward")["metrics"]["accuracy"] >= 0.6  # chance is 0.5
 
     out = run_stage("ppo", [f"policy={root / 'sft'}", f"reward={root / 'reward'}", "reward_fn=palmrl.tasks.checker",
