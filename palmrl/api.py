@@ -26,7 +26,7 @@ import torch
 from palmrl import checkpoint
 from palmrl.data.chat import as_messages, clean_response, render_chat, render_prompt
 from palmrl.errors import UserError
-from palmrl.generate import generate_responses, model_device, seeded_generator
+from palmrl.generate import check_decode_weights, generate_responses, model_device, seeded_generator
 from palmrl.rl.logprobs import token_logprobs
 from palmrl.runtime import inference_placement
 
@@ -40,7 +40,7 @@ class LLM:
     """
 
     def __init__(self, ckpt: checkpoint.Checkpoint, *, device: str = "auto", precision: str = "auto",
-                 chat: bool | None = None):
+                 chat: bool | None = None, decode_weights: str = "fp32"):
         self.checkpoint = ckpt
         self.tokenizer = ckpt.tokenizer()
         self.device, dtype = inference_placement(device, precision)
@@ -51,16 +51,19 @@ class LLM:
             self.model = reward_model_from_checkpoint(ckpt).to(self.device)  # scores stay fp32
         else:
             self.model = checkpoint.model_from_checkpoint(ckpt).eval().to(device=self.device, dtype=dtype)
+            check_decode_weights(self.model, decode_weights)
+        self.decode_weights = str(decode_weights)
         self.chat = ckpt.stage != "pretrain" if chat is None else bool(chat)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
-             chat: bool | None = None, trust_remote_code: bool = False) -> LLM:
+             chat: bool | None = None, trust_remote_code: bool = False, decode_weights: str = "fp32") -> LLM:
         """A checkpoint folder (a stage folder resolves to final/, or a step folder): weights checked
         against the manifest's sha256, nothing unpickled. device: auto | cpu | cuda[:N]; precision:
-        auto (bf16 on a GPU that has it) | fp32 | bf16."""
+        auto (bf16 on a GPU that has it) | fp32 | bf16; decode_weights: fp32 | fp16 (CPU decoding
+        through fp16 weight copies: faster, tokens may differ)."""
         return cls(checkpoint.load(path, trust_remote_code=trust_remote_code), device=device, precision=precision,
-                   chat=chat)
+                   chat=chat, decode_weights=decode_weights)
 
     def __repr__(self) -> str:
         return (f"palmrl.LLM({str(self.checkpoint.path)!r}, stage={self.checkpoint.stage!r}, "
@@ -98,7 +101,8 @@ class LLM:
         replies = generate_responses(self.model, ids, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_k=top_k, top_p=top_p,
                                      eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                                     generator=seeded_generator(seed, model_device(self.model)))
+                                     generator=seeded_generator(seed, model_device(self.model)),
+                                     decode_weights=self.decode_weights)
         texts = [clean_response(self.tokenizer, r)[0] for r in replies]
         grouped = [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
         out = [g[0] if num_samples == 1 else g for g in grouped]

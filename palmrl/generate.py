@@ -12,7 +12,10 @@ streams text and stops rows at stop strings); `generate` runs it to the end, and
 
 The model is called as `model(tokens, attention_mask=, cache=, last_only=True)` and returns logits
 (B, 1, V) of the last position (PaLM and the Hugging Face wrapper both do; `new_cache(B, max_len)`
-makes the cache).
+makes the cache). `decode_weights` picks what a PaLM's one-token steps multiply by on the CPU
+(model/palm.py, DECODE_WEIGHTS): "fp32" copies of the weights (the default, the logits of the full
+forward to float rounding) or "fp16" ones (FBGEMM, ~2.5x faster matrix products at 8-16 rows on an
+AVX2 CPU, at the cost of fp16-rounded weights).
 
 `use_cache=False` recomputes the full forward at each step: same tokens, much slower (the baseline
 of scripts/bench_train.py).
@@ -57,6 +60,21 @@ def left_pad(prompts: list[list[int]], pad_id: int,
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's weights (and so its sampling) live."""
     return next(model.parameters()).device
+
+
+def check_decode_weights(model: nn.Module, decode_weights: str, *, key: str = "decode_weights") -> str:
+    """Fail now, naming `key`, when `model` cannot decode with these weights (an unknown value, fp16
+    on a build without FBGEMM or on a Hugging Face model), rather than at the first request."""
+    from palmrl.model.palm import DECODE_WEIGHTS
+
+    try:
+        if decode_weights not in DECODE_WEIGHTS:
+            raise UserError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {decode_weights!r}")
+        if decode_weights != "fp32":
+            model.new_cache(1, 1, weights=str(decode_weights))
+    except UserError as err:
+        raise UserError(str(err).replace("decode_weights", key, 1)) from None
+    return str(decode_weights)
 
 
 def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -122,10 +140,11 @@ class Decoder:
 
     def __init__(self, model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, pad_id: int = 0,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
+                 generator: torch.Generator | None = None, use_cache: bool = True, decode_weights: str = "fp32"):
         if max_new_tokens <= 0:
             raise UserError(f"max_new_tokens must be positive, got {max_new_tokens}")
         self.model, self.max_new_tokens, self.use_cache = model, max_new_tokens, use_cache
+        self.decode_weights = decode_weights
         self.sampling = (temperature, top_k, top_p)
         self.pad_id, self.generator = pad_id, generator
         self.device = model_device(model)
@@ -172,7 +191,10 @@ class Decoder:
         # (model(...), not trunk + logits: under ZeRO-3 the tied output weight is gathered in forward)
         if self.steps == 0:
             if self.use_cache:
-                self._cache = self.model.new_cache(self.tokens.shape[0], self.prompt_length + self.max_new_tokens)
+                # (models implementing only new_cache(B, max_len) decode as they are by default)
+                weights = {} if self.decode_weights == "fp32" else {"weights": self.decode_weights}
+                self._cache = self.model.new_cache(self.tokens.shape[0], self.prompt_length + self.max_new_tokens,
+                                                   **weights)
             return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache, last_only=True)[:, -1]
         if self.use_cache:
             return self.model(self._last[:, None], attention_mask=self.response_mask[:, self.steps - 1:self.steps],
@@ -193,14 +215,15 @@ class Decoder:
 def generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: int | None = None, pad_id: int = 0, generator: torch.Generator | None = None,
-             use_cache: bool = True, stop_early: bool = True) -> Generation:
+             use_cache: bool = True, stop_early: bool = True, decode_weights: str = "fp32") -> Generation:
     """Sample up to `max_new_tokens` after each prompt; see the module docstring.
 
     `stop_early=False` always takes max_new_tokens steps: ranks of a ZeRO-3 model must make the
     same number of forward calls, whatever their own rows do.
     """
     decoder = Decoder(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, pad_id=pad_id, generator=generator, use_cache=use_cache)
+                      top_p=top_p, pad_id=pad_id, generator=generator, use_cache=use_cache,
+                      decode_weights=decode_weights)
     P, max_seq_len = decoder.prompt_length, model.config.max_seq_len
     if P + max_new_tokens > max_seq_len:
         raise UserError(f"longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "

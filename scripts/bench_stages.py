@@ -24,9 +24,10 @@ What it prints, each figure next to what it is measured against:
      it) at the same config in this process, its measurements alternating with palmrl's bare
      model: training tokens/s (fp32 weights, bf16 autocast where bf16 is chosen, both) and
      generation (its `generate`, no cache);
-  5. decoding: palmrl's `generate` (KV cache) at batch 1 and 8, fp32 (and bf16) weights, against
-     the weight-bandwidth floor (weight bytes / read bandwidth) and the reference; `palmrl
-     sample` itself (`ignore_eos=true`, 256 new tokens);
+  5. decoding: palmrl's `generate` (KV cache) at batch 1 and 8 with fp32 weights, fp16 decode
+     weights (`decode_weights=fp16`: FBGEMM's packed fp16 copies, on x86 CPUs) and, where bf16 is
+     chosen, bf16 weights, each against its weight-bandwidth floor (weight bytes / read bandwidth)
+     and the reference; `palmrl sample` itself (`ignore_eos=true`, 256 new tokens, both decode weights);
   6. a PPO iteration of `palmrl ppo` on the bench model, split into its phases (the stage's own
      `time_*` metrics).
 
@@ -59,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import BENCH, keep_freed_memory, matmul_ceiling, median_time  # noqa: E402
 
 from palmrl.generate import generate  # noqa: E402
-from palmrl.model.palm import PaLM  # noqa: E402
+from palmrl.model.palm import DECODE_WEIGHTS, PaLM  # noqa: E402
 
 BATCH, SEQ = 8, 256
 PROMPT, NEW = 16, 256  # decoding: a 16-token prompt, 256 new tokens
@@ -186,14 +187,16 @@ def reference_version() -> str:
 
 # ---- decoding --------------------------------------------------------------------------------
 
-def palmrl_decode(batch: int, dtype: torch.dtype, new_tokens: int) -> float:
-    """Generated tokens/s of palmrl's generate (KV cache, sampling at temperature 1) at `batch` rows."""
+def palmrl_decode(batch: int, dtype: torch.dtype, new_tokens: int, weights: str = "fp32") -> float:
+    """Generated tokens/s of palmrl's generate (KV cache, sampling at temperature 1) at `batch` rows;
+    `weights`: what one-token steps multiply by (generate's decode_weights)."""
     torch.manual_seed(0)
     model = PaLM(BENCH).to(dtype)
     prompts = torch.randint(1, BENCH.vocab_size, (batch, PROMPT)).tolist()
-    generate(model, prompts, max_new_tokens=8)  # warm-up
+    generate(model, prompts, max_new_tokens=8, decode_weights=weights)  # warm-up
     start = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=new_tokens, generator=torch.Generator().manual_seed(0))
+    out = generate(model, prompts, max_new_tokens=new_tokens, generator=torch.Generator().manual_seed(0),
+                   decode_weights=weights)
     seconds = time.perf_counter() - start
     assert out.response_mask.all(), "no eos_id given: every row runs the full length"
     return batch * new_tokens / seconds
@@ -320,11 +323,13 @@ def main() -> None:
     prompts = work / "prompts.txt"
     prompts.write_text("".join(f"{d[:60]}\n" for d in list(open(sft_data))[:BATCH]))
     sample_out = work / "sample.jsonl"
-    palmrl_cli(work, "sample", f"ckpt={work / 'runs/bench/sft'}", f"prompt_file={prompts}", "chat=false",
-               f"max_new_tokens={new_tokens}", "ignore_eos=true", "temperature=1.0", "top_k=0", "format=jsonl",
-               f"output={sample_out}", "precision=fp32", log=logs / "sample.log")
-    sample_line = next((line for line in (logs / "sample.log").read_text().splitlines()
-                        if "tokens/s" in line), "")
+    sample_lines = {}
+    for weights in DECODE_WEIGHTS:
+        log = logs / f"sample-{weights}.log"
+        palmrl_cli(work, "sample", f"ckpt={work / 'runs/bench/sft'}", f"prompt_file={prompts}", "chat=false",
+                   f"max_new_tokens={new_tokens}", "ignore_eos=true", "temperature=1.0", "top_k=0", "format=jsonl",
+                   f"output={sample_out}", "overwrite=true", "precision=fp32", f"decode_weights={weights}", log=log)
+        sample_lines[weights] = next((line for line in log.read_text().splitlines() if "tokens/s" in line), "")
     print("  ppo ...", flush=True)
     ppo_iters = 3 if args.quick else 5
     palmrl_cli(work, "ppo", *run, f"policy={work / 'runs/bench/sft'}", f"reward={work / 'runs/bench/reward'}",
@@ -354,9 +359,11 @@ def main() -> None:
 
     # 3. decoding
     print("  decoding ...", flush=True)
-    weight_bytes = {dtype: n_params * torch.finfo(dtype).bits // 8 for dtype in (torch.float32, torch.bfloat16)}
-    dtypes = (torch.float32, torch.bfloat16) if precision == "bf16" else (torch.float32,)
-    decode = {(b, dt): palmrl_decode(b, dt, new_tokens) for b in (1, 8) for dt in dtypes}
+    # (label, model dtype, decode_weights, bytes per parameter read per token)
+    variants = [("fp32", torch.float32, "fp32", 4), ("fp16 decode (FBGEMM)", torch.float32, "fp16", 2)]
+    if precision == "bf16":
+        variants.append(("bf16", torch.bfloat16, "fp32", 2))
+    decode = {(b, v[0]): palmrl_decode(b, v[1], new_tokens, v[2]) for b in (1, 8) for v in variants}
     ref_decode = {b: reference_decode(Reference, b, new_tokens) for b in (1, 8)} if Reference is not None else {}
 
     # the table
@@ -399,9 +406,9 @@ def main() -> None:
         lines.append("| reference implementation | not installed (`pip install palm-rlhf-pytorch`, or make bench) "
                      "| | | |")
     for b in (1, 8):
-        for dt in dtypes:
-            name, tps = str(dt).removeprefix("torch.").replace("bfloat", "bf").replace("float", "fp"), decode[(b, dt)]
-            floor_s = weight_bytes[dt] / (bandwidth * 1e9)
+        for name, _, _, per_param in variants:
+            tps = decode[(b, name)]
+            floor_s = n_params * per_param / (bandwidth * 1e9)
             step_ms = b / tps * 1000
             row = (f"| decode batch {b}, {name} weights, {new_tokens} new (KV cache) | {tps:,.0f} tokens/s "
                    f"({step_ms:.2f} ms/step) | weight-read floor {floor_s * 1000:.2f} ms/step | "
@@ -409,12 +416,14 @@ def main() -> None:
             target = f" within 1.5x: {verdict(step_ms / 1000 <= 1.5 * floor_s)} |" if b == 1 else " |"
             lines.append(row + target)
         if b in ref_decode:
-            best = max(decode[(b, dt)] for dt in dtypes)
+            best = max(decode[(b, v[0])] for v in variants)
             goal = "≥ 30x: " + verdict(best >= 30 * ref_decode[b]) if b == 8 else ""
             lines.append(f"| reference generate, batch {b}, {new_tokens} new (no cache) | {ref_decode[b]:,.1f} "
                          f"tokens/s | palmrl's best above | {ratio(best, ref_decode[b])} | {goal} |")
-    if sample_line:
-        lines.append(f"| `palmrl sample` (fp32, batch {BATCH}, ignore_eos) | {sample_line.split(': ', 1)[-1]} | | | |")
+    for weights, line in sample_lines.items():
+        if line:
+            lines.append(f"| `palmrl sample decode_weights={weights}` (fp32 model, batch {BATCH}, ignore_eos) | "
+                         f"{line.split(': ', 1)[-1]} | | | |")
     if ppo_rows:
         phases = [k for k in ppo_rows[0] if k.startswith("time_")]
         total = statistics.median(sum(r[k] for k in phases) for r in ppo_rows)

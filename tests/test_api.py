@@ -86,6 +86,10 @@ def test_generate_shapes_seeds_and_greedy(policies):
     greedy = llm.generate(["hello", "hello"], max_new_tokens=6, temperature=0)
     assert greedy[0] == greedy[1]
     assert llm.generate("hello", max_new_tokens=6, seed=4) != one or llm.generate("hi", max_new_tokens=6, seed=3) != one
+    fast = palmrl.LLM(llm.checkpoint, device="cpu", decode_weights="fp16")  # fp16 weight copies while decoding
+    assert isinstance(fast.generate("hello", max_new_tokens=6, seed=3), str)
+    with pytest.raises(UserError, match="decode_weights must be one of fp32, fp16, got 'bf16'"):
+        palmrl.LLM(llm.checkpoint, device="cpu", decode_weights="bf16")
     with pytest.raises(UserError, match="reward checkpoint"):
         palmrl.LLM.generate(type("R", (), {"is_reward": True, "checkpoint": llm.checkpoint,
                                            "_policy": palmrl.LLM._policy})(), "x")

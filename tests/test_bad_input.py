@@ -99,6 +99,8 @@ CASES = [
     ("bad nonfinite policy", lambda t, r: ["pretrain", *TINY, "train.on_nonfinite=ignore", f"tokenizer.path={r / 'tokenizer'}"],
      "train.on_nonfinite"),
     ("missing required key", lambda t, r: ["sample", "prompt=x"], "ckpt"),
+    ("unknown decode weights", lambda t, r: ["sample", f"ckpt={r / 'sft'}", "prompt=x", "decode_weights=int8"],
+     "decode_weights must be one of fp32, fp16, got 'int8'"),
     ("bad interpolation", lambda t, r: ["pretrain", "run_name=${nope}"], "nope"),
     ("serve off loopback without a token", lambda t, r: ["serve", f"ckpt={r / 'sft'}", "host=0.0.0.0", "auth_token=null"],
      "auth_token: serving on 0.0.0.0"),

@@ -21,29 +21,56 @@ def tiny_model(**overrides) -> PaLM:
     return PaLM(config)
 
 
-def test_cpu_decoding_steps_use_transposed_weights_with_the_same_logits():
-    """A CPU cache multiplies one-token steps by (in, out) weight copies, LoRA updates included: the
-    logits match F.linear's path to float rounding; a meta-device cache (as for a GPU) keeps F.linear."""
-    from palmrl.model.lora import LoRAConfig, add_lora, lora_scope
+def lora_model() -> PaLM:
+    from palmrl.model.lora import LoRAConfig, add_lora
 
     model = tiny_model(kv_heads=2).eval()
     add_lora(model, "actor", LoRAConfig(rank=4))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # a live update (B starts at 0)
+    return model
+
+
+def one_step_logits(model: PaLM, cache) -> torch.Tensor:
+    """The prompts through `cache`, then one token per row: that step's logits (3, 1, V)."""
     tokens, mask = left_pad(PROMPTS, pad_id=0)
-    nxt = torch.tensor([[3], [4], [5]])
+    model(tokens, attention_mask=mask, cache=cache, last_only=True)
+    return model(torch.tensor([[3], [4], [5]]), cache=cache, last_only=True)
+
+
+def test_cpu_decoding_steps_use_weight_copies_with_the_same_logits():
+    """A CPU cache multiplies one-token steps by (in, out) weight copies, LoRA updates included: the
+    logits match F.linear's path to float rounding; fp16 copies to fp16 rounding of the weights; a
+    meta-device cache (as for a GPU) keeps F.linear."""
+    from palmrl.model.lora import lora_scope
+
+    model = lora_model()
     with torch.no_grad(), lora_scope(model, "actor"):
-        logits = []
-        for transposed in (True, False):
-            cache = model.new_cache(3, 12)
-            assert cache.transposed
-            cache.transposed = transposed
-            model(tokens, attention_mask=mask, cache=cache, last_only=True)
-            logits.append(model(nxt, cache=cache, last_only=True))
-            assert len(cache._weights_t) == (2 * 3 + 1 if transposed else 0)  # 3 matrices a layer + the output
-    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5)
-    assert not model.new_cache(1, 4, device="meta").transposed
+        logits = {}
+        for weights in ("fp32", "fp16", None):
+            cache = model.new_cache(3, 12, weights=weights or "fp32")
+            assert cache.weights == (weights or "fp32")
+            cache.weights = weights
+            logits[weights] = one_step_logits(model, cache)
+            assert len(cache._copies) == (2 * 3 + 1 if weights else 0)  # 3 matrices a layer + the output
+    assert torch.allclose(logits["fp32"], logits[None], atol=1e-5, rtol=1e-5)
+    fp16_error = (logits["fp16"] - logits[None]).abs().max().item()
+    assert 1e-6 < fp16_error < 2e-2 * logits[None].abs().max().item()  # rounded weights, not fp32's product
+    assert model.new_cache(1, 4, device="meta").weights is None
+    with pytest.raises(UserError, match="decode_weights must be one of fp32, fp16, got 'int8'"):
+        model.new_cache(1, 4, weights="int8")
+
+
+def test_fp16_decoding_samples_what_fp32_does_when_the_choice_is_clear():
+    """Greedy decoding with fp16 weight copies picks fp32's tokens unless two logits are within fp16
+    rounding: on this seed every step agrees; a bf16 model's activations go through them too."""
+    model = tiny_model()
+    a = generate(model, PROMPTS, max_new_tokens=12, temperature=0)
+    b = generate(model, PROMPTS, max_new_tokens=12, temperature=0, decode_weights="fp16")
+    assert torch.equal(a.sequences, b.sequences)
+    c = generate(model.to(torch.bfloat16), PROMPTS, max_new_tokens=4, temperature=0, decode_weights="fp16")
+    assert c.sequences.shape == (3, 5 + 4)
 
 
 def test_left_pad():
@@ -298,3 +325,9 @@ def test_sample_ignore_eos_takes_every_token_and_reports_its_speed(tmp_path, cap
     assert [r["tokens"] for r in records] == [12, 12, 12]
     err = capsys.readouterr().err
     assert "sample: 3 responses, 36 tokens in" in err and "tokens/s (cpu, float32" in err
+
+    cfg = compose("sample", [f"ckpt={ckpt}", "prompt=hi", "num_samples=2", "max_new_tokens=5", "ignore_eos=true",
+                             "format=jsonl", f"output={out}", "decode_weights=fp16", "overwrite=true"])
+    run_stage("sample", cfg, sample.run)
+    assert [json.loads(line)["tokens"] for line in out.read_text().splitlines()] == [5, 5]
+    assert "tokens/s (cpu, float32, fp16 decode weights, up to" in capsys.readouterr().err

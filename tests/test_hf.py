@@ -304,6 +304,8 @@ def test_kv_cache_generation_matches_full_forward(hf_run):
         alone = model(torch.tensor([prompts[0]]))
     # the shortest (most padded) prompt's last-token logits equal those of the prompt run alone
     torch.testing.assert_close(full[0, runs[0].prompt_length - 1], alone[0, -1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="decode_weights=fp16 applies to palmrl's PaLM models"):
+        generate(model, prompts, max_new_tokens=2, decode_weights="fp16")
 
 
 @pytest.mark.integration

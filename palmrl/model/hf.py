@@ -124,7 +124,10 @@ class HFCausalLM(nn.Module):
         return tuple(sorted(names))
 
     # ---- the PaLM interface -------------------------------------------------------------
-    def new_cache(self, batch_size: int, max_len: int, **_) -> HFCache:
+    def new_cache(self, batch_size: int, max_len: int, *, weights: str = "fp32", **_) -> HFCache:
+        if weights != "fp32":
+            raise UserError(f"decode_weights={weights} applies to palmrl's PaLM models; Hugging Face models "
+                            "decode with their own weights (use decode_weights=fp32)")
         tf = transformers()
         return HFCache(tf.DynamicCache(), torch.zeros(batch_size, 0, dtype=torch.long, device=self._device()))
 

@@ -191,46 +191,71 @@ class KVCache:
 
     The first call with a cache writes the (left-padded) prompts into slots [0, P); each later call
     appends its tokens at `offset`. `lengths` counts each row's real tokens so far: the rotary
-    position of its next real token.
+    position of its next real token. `weights` says how one-token steps multiply by the weight
+    matrices (DECODE_WEIGHTS): None through the layers themselves; "fp32" through contiguous (in, out)
+    copies; "fp16" through fp16 copies packed for FBGEMM (x86 CPUs), fp32 activations and sums.
     """
 
     def __init__(self, keys: list[Tensor], values: list[Tensor], key_mask: Tensor, lengths: Tensor,
-                 transposed: bool = False):
+                 weights: str | None = None):
         self.keys = keys  # per layer (B, K, max_len, E)
         self.values = values  # per layer (B, K, max_len, E)
         self.key_mask = key_mask  # (B, max_len) bool, True on slots holding real tokens
         self.lengths = lengths  # (B,) long, real tokens written so far
         self.offset = 0  # slots written so far (same for every row)
-        self.transposed = transposed  # one-token steps multiply by contiguous (in, out) weight copies
-        self._weights_t: dict[int, Tensor] = {}
+        self.weights = weights
+        self._copies: dict[int, object] = {}  # id(weight) -> its copy (a Tensor, or FBGEMM's packed fp16 matrix)
 
     @property
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
-    def weight_t(self, weight: Tensor) -> Tensor:
-        """weight (out, in) as a contiguous (in, out) copy, made on first use and kept for this cache's
-        decode loop (the weights do not change while one loop runs; the next loop makes new copies)."""
-        copy = self._weights_t.get(id(weight))
+    def product(self, x: Tensor, weight: Tensor) -> Tensor:
+        """x (..., in) @ weight (out, in).T through this cache's copy of `weight`, made on first use and
+        kept for this cache's decode loop (the weights do not change while one loop runs; the next
+        loop makes new copies)."""
+        copy = self._copies.get(id(weight))
         if copy is None:
-            copy = self._weights_t[id(weight)] = weight.detach().t().contiguous()
-        return copy
+            w = weight.detach()
+            copy = self._copies[id(weight)] = (torch.ops.quantized.linear_prepack_fp16(w.float(), None)
+                                               if self.weights == "fp16" else w.t().contiguous())
+        if self.weights == "fp16":  # FBGEMM takes fp32 activations
+            return torch.ops.quantized.linear_dynamic_fp16(x.float(), copy).to(x.dtype)
+        return x @ copy  # (..., in) @ (in, out)
 
 
-# Decoding on the CPU multiplies each row by every weight matrix once per token. Streaming a contiguous
-# (in, out) copy row by row measured 1.6x faster than F.linear's (out, in) product at one row (the whole
-# bench model's 19 matrices: 3.2 vs 5.2 ms, one thread) and no slower at 8-128 rows, so a KV cache made
-# on the CPU carries such copies (up to this many bytes of weights; each loop holds them once more).
-TRANSPOSED_DECODE_MAX_BYTES = 2 * 2**30
+# How a one-token decoding step multiplies by the weights. Each row is multiplied by every weight matrix
+# once per token, so on the CPU the matrix products are the step's cost:
+#   fp32 (the CPU default): contiguous (in, out) copies. Streaming them row by row measured 1.6x faster
+#     than F.linear's (out, in) product at one row (the whole bench model's 19 matrices: 3.2 vs 5.2 ms,
+#     one thread) and no slower at 8-128 rows. Same logits as F.linear to float rounding.
+#   fp16: fp16 copies packed for FBGEMM's small-batch kernel (torch.ops.quantized, x86 only): half the
+#     bytes to read, and MKL's fp32 product is slow at a few rows on this AVX2 machine (19 matrices,
+#     one thread: 2.9 vs 3.7 ms at one row, 3.7 vs 10.5 at 8, 4.6 vs 9.5 at 16). Weights are rounded
+#     to fp16 (10-bit mantissa), so sampled tokens can differ from fp32's: opt-in (decode_weights=fp16).
+# Copies exist only for weights held whole on the CPU (not ZeRO-3 partitions), up to this many bytes of
+# fp32 weights; each decode loop holds them once more (fp16: half as much).
+DECODE_WEIGHTS = ("fp32", "fp16")
+DECODE_COPY_MAX_BYTES = 2 * 2**30
+
+
+def check_fp16_decoding() -> None:
+    """Raise UserError when this PyTorch build cannot multiply by packed fp16 weights (no FBGEMM)."""
+    try:
+        torch.ops.quantized.linear_dynamic_fp16(torch.zeros(1, 8),
+                                                torch.ops.quantized.linear_prepack_fp16(torch.zeros(8, 8), None))
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        raise UserError("decode_weights=fp16 needs PyTorch's FBGEMM kernels (x86 CPU builds); this build "
+                        f"has none ({str(err).splitlines()[0][:120]}): use decode_weights=fp32") from None
 
 
 def project(layer: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
     """layer(x) for a Linear (or LoRALinear) of this model; during a one-token decoding step with a
-    transposing cache, the base product through the cache's (in, out) copy, plus the layer's active
+    cache that holds weight copies, the base product through the copy, plus the layer's active
     LoRA update (`lora_update`) when it has one."""
-    if cache is None or not cache.transposed or x.shape[1] != 1:
+    if cache is None or cache.weights is None or x.shape[1] != 1:
         return layer(x)
-    out = x @ cache.weight_t(layer.weight)  # (B, 1, in) @ (in, out)
+    out = cache.product(x, layer.weight)
     if layer.bias is not None:
         out = out + layer.bias
     update = getattr(layer, "lora_update", None)
@@ -387,21 +412,27 @@ class PaLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
-        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + new)."""
+                  device: torch.device | str | None = None, weights: str = "fp32") -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + new); `weights`
+        (DECODE_WEIGHTS): the copies one-token steps multiply by on the CPU (elsewhere: the layers)."""
+        if weights not in DECODE_WEIGHTS:
+            raise UserError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {weights!r}")
         weight = self.token_emb.weight
         dtype = dtype or weight.dtype
         device = device or weight.device
         c = self.config
         shape = (batch_size, c.kv_heads, max_len, c.dim_head)
-        # the transposed copies only on the CPU, for weights held whole here (not ZeRO-3 partitions)
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        transposed = (torch.device(device).type == "cpu" and weight_bytes <= TRANSPOSED_DECODE_MAX_BYTES
-                      and not any(hasattr(p, "ds_id") for p in self.parameters()))
+        # weight copies only on the CPU, for weights held whole here (not ZeRO-3 partitions)
+        fp32_bytes = sum(p.numel() * 4 for p in self.parameters())
+        copies = (torch.device(device).type == "cpu" and fp32_bytes <= DECODE_COPY_MAX_BYTES
+                  and not any(hasattr(p, "ds_id") for p in self.parameters()))
+        if copies and weights == "fp16":
+            check_fp16_decoding()
         return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-                       lengths=torch.zeros(batch_size, dtype=torch.long, device=device), transposed=transposed)
+                       lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
+                       weights=weights if copies else None)
 
     def trunk(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
               cache: KVCache | None = None) -> Tensor:
@@ -486,6 +517,6 @@ class PaLM(nn.Module):
         if targets is not None:
             return cross_entropy(hidden, self.token_emb.weight, targets, ignore_index=ignore_index)
         hidden = hidden[:, -1:] if last_only else hidden
-        if cache is not None and cache.transposed and hidden.shape[1] == 1:  # a decoding step: (in, out) copy
-            return hidden @ cache.weight_t(self.token_emb.weight)
+        if cache is not None and cache.weights is not None and hidden.shape[1] == 1:  # a decoding step: the copy
+            return cache.product(hidden, self.token_emb.weight)
         return self.logits(hidden)

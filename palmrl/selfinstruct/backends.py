@@ -75,12 +75,13 @@ class LocalBackend:
     """A palmrl checkpoint decoded here, `batch_size` rows at a time, from one seeded generator."""
 
     def __init__(self, ckpt: str, *, seed: int, batch_size: int = 16, device: str = "auto", precision: str = "auto",
-                 chat: str | bool = "auto", top_k: int = 0, trust_remote_code: bool = False):
+                 chat: str | bool = "auto", top_k: int = 0, trust_remote_code: bool = False,
+                 decode_weights: str = "fp32"):
         from palmrl.generate import seeded_generator
         from palmrl.serving.generator import Engine
 
         self.engine = Engine(ckpt, key="generator.ckpt", device=device, precision=precision, chat=chat,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, decode_weights=decode_weights)
         self.batch_size = int(batch_size)
         self.top_k = int(top_k)
         self.generator = seeded_generator(int(seed), self.engine.device)
@@ -255,7 +256,8 @@ def make_backend(cfg: Mapping, *, seed: int, batch_size: int) -> Backend:
         return LocalBackend(str(cfg.get("ckpt")), seed=seed, batch_size=batch_size,
                             device=str(cfg.get("device", "auto")), precision=str(cfg.get("precision", "auto")),
                             chat=cfg.get("chat", "auto"), top_k=int(cfg.get("top_k", 0)),
-                            trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+                            trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                            decode_weights=str(cfg.get("decode_weights", "fp32")))
     if kind == "openai":
         return OpenAIBackend(str(cfg.get("base_url")), model=cfg.get("model"), api_key_env=cfg.get("api_key_env"),
                              timeout_s=float(cfg.get("timeout_s", 60)), max_retries=int(cfg.get("max_retries", 4)),

@@ -30,7 +30,7 @@ import torch
 from palmrl import checkpoint
 from palmrl.data.chat import as_messages, render_prompt, template_ids
 from palmrl.errors import UserError
-from palmrl.generate import Decoder
+from palmrl.generate import Decoder, check_decode_weights
 from palmrl.runtime import inference_placement
 
 
@@ -131,12 +131,14 @@ class Engine:
     """A checkpoint ready to generate: its tokenizer, model (eval), and how it wants prompts."""
 
     def __init__(self, ckpt: str | Path, *, key: str = "ckpt", device: str = "auto", precision: str = "auto",
-                 chat: str | bool = "auto", trust_remote_code: bool = False):
+                 chat: str | bool = "auto", trust_remote_code: bool = False, decode_weights: str = "fp32"):
         # errors name the device/precision keys beside the checkpoint's: "generator.device", "device"
         self.device, dtype = inference_placement(device, precision, key=key.removesuffix("ckpt"))
         self.checkpoint = checkpoint.load(ckpt, key=key, trust_remote_code=trust_remote_code)
         self.tokenizer = self.checkpoint.tokenizer()
         self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval().to(device=self.device, dtype=dtype)
+        self.decode_weights = check_decode_weights(self.model, decode_weights,
+                                                   key=f"{key.removesuffix('ckpt')}decode_weights")
         self.chat = self.checkpoint.stage != "pretrain" if str(chat) == "auto" else bool(chat)
         self.max_seq_len = int(self.model.config.max_seq_len)
         self.stop_ids = template_ids(self.tokenizer) | {self.tokenizer.eos_id}
@@ -175,7 +177,7 @@ class Engine:
         states = [_RowState(row, self.tokenizer) for row in rows]
         decoder = Decoder(self.model, [row.prompt for row in rows], max_new_tokens=max(row.max_tokens for row in rows),
                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                          pad_id=self.tokenizer.pad_id, generator=generator)
+                          pad_id=self.tokenizer.pad_id, generator=generator, decode_weights=self.decode_weights)
         while not decoder.done:
             tokens = decoder.step().tolist()
             deltas = [self._advance(i, state, tokens[i]) for i, state in enumerate(states) if not state.done]

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.generate import generate_responses, model_device, seeded_generator
+from palmrl.generate import check_decode_weights, generate_responses, model_device, seeded_generator
 from palmrl.io import check_output_file, read_jsonl, write_atomic
 from palmrl.model.registry import config_from_dict
 from palmrl.runtime import inference_placement, seed_everything
@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> Path | None:
     tokenizer = ckpt.tokenizer()
     device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
     model = checkpoint.model_from_checkpoint(ckpt).to(device=device, dtype=dtype)
+    decode_weights = check_decode_weights(model, str(cfg.decode_weights))
     chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
 
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
@@ -92,11 +93,13 @@ def run(cfg: DictConfig) -> Path | None:
                                    max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
                                    top_k=int(cfg.top_k), top_p=float(cfg.top_p),
                                    eos_id=None if cfg.ignore_eos else tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                   generator=seeded_generator(int(cfg.seed), model_device(model)))
+                                   generator=seeded_generator(int(cfg.seed), model_device(model)),
+                                   decode_weights=decode_weights)
     seconds = time.perf_counter() - start
     tokens = sum(len(ids) for ids in responses)
     print(f"sample: {len(responses)} responses, {tokens:,} tokens in {seconds:.2f} s: "
           f"{tokens / max(seconds, 1e-9):,.0f} tokens/s ({device.type}, {str(dtype).removeprefix('torch.')}, "
+          f"{'fp16 decode weights, ' if decode_weights == 'fp16' and device.type == 'cpu' else ''}"
           f"up to {BATCH} rows per batch)",
           file=sys.stderr, flush=True)
     records = []

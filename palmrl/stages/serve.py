@@ -51,7 +51,7 @@ def served_checkpoints(cfg: DictConfig) -> list[tuple[str, str]]:
 
 def build_server(cfg: DictConfig, key: str = "ckpt", path: str | None = None, *, name: str | None = None) -> Server:
     engine = Engine(path or cfg.ckpt, key=key, device=str(cfg.device), precision=str(cfg.precision), chat=cfg.chat,
-                    trust_remote_code=bool(cfg.trust_remote_code))
+                    trust_remote_code=bool(cfg.trust_remote_code), decode_weights=str(cfg.decode_weights))
     limits = dataclass_from_cfg(Limits, cfg.limits, "limits")
     batching = dataclass_from_cfg(Batching, cfg.batching, "batching")
     return Server(engine, model_name=str(name or engine.name), limits=limits, batching=batching,
