@@ -26,7 +26,7 @@ import torch
 from palmrl import checkpoint
 from palmrl.data.chat import as_messages, clean_response, render_chat, render_prompt
 from palmrl.errors import UserError
-from palmrl.generate import check_decode_weights, generate_responses, model_device, seeded_generator
+from palmrl.generate import generate_responses, model_device, prepare_decoding, seeded_generator
 from palmrl.rl.logprobs import token_logprobs
 from palmrl.runtime import inference_placement
 
@@ -51,7 +51,7 @@ class LLM:
             self.model = reward_model_from_checkpoint(ckpt).to(self.device)  # scores stay fp32
         else:
             self.model = checkpoint.model_from_checkpoint(ckpt).eval().to(device=self.device, dtype=dtype)
-            check_decode_weights(self.model, decode_weights)
+            prepare_decoding(self.model, decode_weights)
         self.decode_weights = str(decode_weights)
         self.chat = ckpt.stage != "pretrain" if chat is None else bool(chat)
 

@@ -62,9 +62,11 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def check_decode_weights(model: nn.Module, decode_weights: str, *, key: str = "decode_weights") -> str:
-    """Fail now, naming `key`, when `model` cannot decode with these weights (an unknown value, fp16
-    on a build without FBGEMM or on a Hugging Face model), rather than at the first request."""
+def prepare_decoding(model: nn.Module, decode_weights: str, *, key: str = "decode_weights") -> str:
+    """Ready a model that only serves (sample, serve, palmrl.LLM) to decode: fail now, naming `key`,
+    when it cannot decode with these weights (an unknown value, fp16 on a build without FBGEMM or on
+    a Hugging Face model) rather than at the first request, and keep the weight copies decoding
+    makes across calls (PaLM.keep_decode_copies). Returns decode_weights."""
     from palmrl.model.palm import DECODE_WEIGHTS
 
     try:
@@ -74,6 +76,8 @@ def check_decode_weights(model: nn.Module, decode_weights: str, *, key: str = "d
             model.new_cache(1, 1, weights=str(decode_weights))
     except UserError as err:
         raise UserError(str(err).replace("decode_weights", key, 1)) from None
+    if hasattr(model, "keep_decode_copies"):
+        model.keep_decode_copies()
     return str(decode_weights)
 
 

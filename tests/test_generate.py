@@ -62,6 +62,27 @@ def test_cpu_decoding_steps_use_weight_copies_with_the_same_logits():
         model.new_cache(1, 4, weights="int8")
 
 
+def test_a_serving_model_keeps_its_decode_copies_until_a_weight_changes():
+    """keep_decode_copies (sample, serve, palmrl.LLM): the second loop makes no copies; a weight written
+    in place is copied again, so the logits follow it."""
+    model = lora_model().keep_decode_copies()
+    with torch.no_grad():
+        for weights in ("fp32", "fp16"):
+            one_step_logits(model, model.new_cache(3, 12, weights=weights))
+        made = dict(model.decode_copies)
+        assert len(made) == 2 * (2 * 3 + 1)
+        one_step_logits(model, model.new_cache(3, 12))
+        assert all(model.decode_copies[k][2] is made[k][2] for k in made)  # the same objects: nothing remade
+
+        model.layers[0].attn_out.weight.mul_(2.0)
+        kept = one_step_logits(model, model.new_cache(3, 12))
+        fresh = model.new_cache(3, 12)
+        fresh.weights = None  # F.linear on the current weights
+        torch.testing.assert_close(kept, one_step_logits(model, fresh), atol=1e-5, rtol=1e-5)
+        key = ("fp32", id(model.layers[0].attn_out.weight))
+        assert model.decode_copies[key][2] is not made[key][2]
+
+
 def test_fp16_decoding_samples_what_fp32_does_when_the_choice_is_clear():
     """Greedy decoding with fp16 weight copies picks fp32's tokens unless two logits are within fp16
     rounding: on this seed every step agrees; a bf16 model's activations go through them too."""

@@ -197,28 +197,35 @@ class KVCache:
     """
 
     def __init__(self, keys: list[Tensor], values: list[Tensor], key_mask: Tensor, lengths: Tensor,
-                 weights: str | None = None):
+                 weights: str | None = None, copies: dict | None = None):
         self.keys = keys  # per layer (B, K, max_len, E)
         self.values = values  # per layer (B, K, max_len, E)
         self.key_mask = key_mask  # (B, max_len) bool, True on slots holding real tokens
         self.lengths = lengths  # (B,) long, real tokens written so far
         self.offset = 0  # slots written so far (same for every row)
         self.weights = weights
-        self._copies: dict[int, object] = {}  # id(weight) -> its copy (a Tensor, or FBGEMM's packed fp16 matrix)
+        # (weights, id(weight)) -> (data_ptr, version, copy): a Tensor, or FBGEMM's packed fp16 matrix; this
+        # loop's own, or the model's kept ones (PaLM.keep_decode_copies)
+        self._copies: dict[tuple[str, int], tuple[int, int, object]] = {} if copies is None else copies
 
     @property
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
     def product(self, x: Tensor, weight: Tensor) -> Tensor:
-        """x (..., in) @ weight (out, in).T through this cache's copy of `weight`, made on first use and
-        kept for this cache's decode loop (the weights do not change while one loop runs; the next
-        loop makes new copies)."""
-        copy = self._copies.get(id(weight))
-        if copy is None:
+        """x (..., in) @ weight (out, in).T through a copy of `weight`, made on first use and kept for
+        this cache's decode loop (the weights do not change while one loop runs; the next loop makes
+        new copies), or for as long as the model keeps them (inference engines); a copy whose weight
+        was written in place or replaced since is made again."""
+        key, stamp = (self.weights, id(weight)), (weight.data_ptr(), weight._version)
+        kept = self._copies.get(key)
+        if kept is not None and kept[:2] == stamp:
+            copy = kept[2]
+        else:
             w = weight.detach()
-            copy = self._copies[id(weight)] = (torch.ops.quantized.linear_prepack_fp16(w.float(), None)
-                                               if self.weights == "fp16" else w.t().contiguous())
+            copy = (torch.ops.quantized.linear_prepack_fp16(w.float(), None) if self.weights == "fp16"
+                    else w.t().contiguous())
+            self._copies[key] = (*stamp, copy)
         if self.weights == "fp16":  # FBGEMM takes fp32 activations
             return torch.ops.quantized.linear_dynamic_fp16(x.float(), copy).to(x.dtype)
         return x @ copy  # (..., in) @ (in, out)
@@ -389,7 +396,17 @@ class PaLM(nn.Module):
         self.norm = LayerNorm(config.dim)
         self.activation_checkpointing = False  # recompute each block in backward (train.activation_checkpointing)
         self.causal_sdpa: bool | None = None  # unpadded, uncached calls through SDPA is_causal; None: off the CPU
+        self.decode_copies: dict | None = None  # keep_decode_copies: weight copies shared by every decode loop
         self.reset_parameters()
+
+    def keep_decode_copies(self) -> PaLM:
+        """Keep the weight copies CPU decoding makes (DECODE_WEIGHTS) across decode loops, for a model
+        that only serves (sample, serve, palmrl.LLM): making them costs a few hundred ms per loop at
+        palm_small (fp16 packing more than the fp32 transpose), which a server would pay per batch.
+        They cost the memory of one more copy of the weights (fp16: half) for the model's lifetime;
+        a weight written in place or replaced is copied again."""
+        self.decode_copies = {}
+        return self
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) embeddings and projections; residual outputs scaled by 1/sqrt(2*depth).
@@ -432,7 +449,7 @@ class PaLM(nn.Module):
                        values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
                        lengths=torch.zeros(batch_size, dtype=torch.long, device=device),
-                       weights=weights if copies else None)
+                       weights=weights if copies else None, copies=self.decode_copies)
 
     def trunk(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
               cache: KVCache | None = None) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 from palmrl import checkpoint
 from palmrl.data.chat import as_messages, render_prompt, template_ids
 from palmrl.errors import UserError
-from palmrl.generate import Decoder, check_decode_weights
+from palmrl.generate import Decoder, prepare_decoding
 from palmrl.runtime import inference_placement
 
 
@@ -137,7 +137,7 @@ class Engine:
         self.checkpoint = checkpoint.load(ckpt, key=key, trust_remote_code=trust_remote_code)
         self.tokenizer = self.checkpoint.tokenizer()
         self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval().to(device=self.device, dtype=dtype)
-        self.decode_weights = check_decode_weights(self.model, decode_weights,
+        self.decode_weights = prepare_decoding(self.model, decode_weights,
                                                    key=f"{key.removesuffix('ckpt')}decode_weights")
         self.chat = self.checkpoint.stage != "pretrain" if str(chat) == "auto" else bool(chat)
         self.max_seq_len = int(self.model.config.max_seq_len)

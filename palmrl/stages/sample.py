@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from palmrl import checkpoint
 from palmrl.errors import UserError
-from palmrl.generate import check_decode_weights, generate_responses, model_device, seeded_generator
+from palmrl.generate import generate_responses, model_device, prepare_decoding, seeded_generator
 from palmrl.io import check_output_file, read_jsonl, write_atomic
 from palmrl.model.registry import config_from_dict
 from palmrl.runtime import inference_placement, seed_everything
@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> Path | None:
     tokenizer = ckpt.tokenizer()
     device, dtype = inference_placement(str(cfg.device), str(cfg.precision))
     model = checkpoint.model_from_checkpoint(ckpt).to(device=device, dtype=dtype)
-    decode_weights = check_decode_weights(model, str(cfg.decode_weights))
+    decode_weights = prepare_decoding(model, str(cfg.decode_weights))
     chat = ckpt.stage != "pretrain" if str(cfg.chat) == "auto" else bool(cfg.chat)
 
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
