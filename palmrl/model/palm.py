@@ -237,8 +237,9 @@ class KVCache:
 #     than F.linear's (out, in) product at one row (the whole bench model's 19 matrices: 3.2 vs 5.2 ms,
 #     one thread) and no slower at 8-128 rows. Same logits as F.linear to float rounding.
 #   fp16: fp16 copies packed for FBGEMM's small-batch kernel (torch.ops.quantized, x86 only): half the
-#     bytes to read, and MKL's fp32 product is slow at a few rows on this AVX2 machine (19 matrices,
-#     one thread: 2.9 vs 3.7 ms at one row, 3.7 vs 10.5 at 8, 4.6 vs 9.5 at 16). Weights are rounded
+#     bytes to read, and MKL's fp32 product is slow at a few rows on this AVX2 machine (the 19 matrices,
+#     one thread, FBGEMM fp16 against the fp32 copies: 2.9 vs 3.7 ms at one row, 3.7 vs 10.5 at 8,
+#     4.6 vs 9.5 at 16). Weights are rounded
 #     to fp16 (10-bit mantissa), so sampled tokens can differ from fp32's: opt-in (decode_weights=fp16).
 # Copies exist only for weights held whole on the CPU (not ZeRO-3 partitions), up to this many bytes of
 # fp32 weights; each decode loop holds them once more (fp16: half as much).
