@@ -99,7 +99,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:  # (x / 1 is x: the division is skipped, not approximated)
+        logits = logits / temperature
 
     # top-k: keep the k largest logits
     if 0 < top_k < logits.shape[-1]:
