@@ -15,10 +15,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned, so nothing below can pull a multi-GB CUDA build
+	# torch first, pinned, so nothing below can pull a multi-GB CUDA build (-W ignore: torch warns that numpy, installed later, is missing)
 	$(BIN)/pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -c "import torch; print(f'torch {torch.__version__}')" > $(VENV)/torch-version.txt
-	echo "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')" > $(VENV)/constraints.txt
+	$(BIN)/python -W ignore -c "import torch; print(f'torch {torch.__version__}')" > $(VENV)/torch-version.txt
+	echo "torch==$$($(BIN)/python -W ignore -c 'import torch; print(torch.__version__)')" > $(VENV)/constraints.txt
 	# DeepSpeed and transformers at the versions CI tests (pyproject.toml [tool.palmrl.tested], the Docker image's too)
 	$(BIN)/python -c "import tomllib; t = tomllib.load(open('pyproject.toml', 'rb'))['tool']['palmrl']['tested']; \
 	print('\n'.join(f'{k}=={v}' for k, v in t.items() if k != 'torch'))" >> $(VENV)/constraints.txt
