@@ -67,12 +67,11 @@ def prepare_decoding(model: nn.Module, decode_weights: str, *, key: str = "decod
     when it cannot decode with these weights (an unknown value, fp16 on a build without FBGEMM or on
     a Hugging Face model) rather than at the first request, and keep the weight copies decoding
     makes across calls (PaLM.keep_decode_copies). Returns decode_weights."""
-    from palmrl.model.palm import DECODE_WEIGHTS
+    from palmrl.model.palm import check_decode_weights
 
     try:
-        if decode_weights not in DECODE_WEIGHTS:
-            raise UserError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {decode_weights!r}")
-        if decode_weights != "fp32":
+        check_decode_weights(decode_weights)
+        if decode_weights != "fp32":  # whether this model decodes with them (a Hugging Face model does not)
             model.new_cache(1, 1, weights=str(decode_weights))
     except UserError as err:
         raise UserError(str(err).replace("decode_weights", key, 1)) from None

@@ -239,7 +239,7 @@ def child_stage(stage: str, overrides: list[str]) -> dict:
         import torch
         from bench_train import matmul_ceiling
 
-        out["ceiling_gflops"] = matmul_ceiling(torch.float32, [512, 1024], 5)[0]
+        out["ceiling_gflops"] = matmul_ceiling(torch.float32, [1024, 2048], 5)[0]  # bench_stages' sizes
     return out
 
 

@@ -33,6 +33,7 @@ that no longer grows with depth.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -247,14 +248,24 @@ DECODE_WEIGHTS = ("fp32", "fp16")
 DECODE_COPY_MAX_BYTES = 2 * 2**30
 
 
-def check_fp16_decoding() -> None:
-    """Raise UserError when this PyTorch build cannot multiply by packed fp16 weights (no FBGEMM)."""
+def check_decode_weights(weights: str) -> None:
+    """Raise UserError for a value outside DECODE_WEIGHTS, or fp16 on a PyTorch build without FBGEMM."""
+    if weights not in DECODE_WEIGHTS:
+        raise UserError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {weights!r}")
+    if weights == "fp16" and _fbgemm_fp16_missing():
+        raise UserError("decode_weights=fp16 needs PyTorch's FBGEMM kernels (x86 CPU builds); this build "
+                        f"has none ({_fbgemm_fp16_missing()}): use decode_weights=fp32")
+
+
+@functools.cache
+def _fbgemm_fp16_missing() -> str:
+    """'' when this build multiplies by packed fp16 weights, else why not (tried once per process)."""
     try:
         torch.ops.quantized.linear_dynamic_fp16(torch.zeros(1, 8),
                                                 torch.ops.quantized.linear_prepack_fp16(torch.zeros(8, 8), None))
     except (RuntimeError, AttributeError, NotImplementedError) as err:
-        raise UserError("decode_weights=fp16 needs PyTorch's FBGEMM kernels (x86 CPU builds); this build "
-                        f"has none ({str(err).splitlines()[0][:120]}): use decode_weights=fp32") from None
+        return str(err).splitlines()[0][:120]
+    return ""
 
 
 def project(layer: nn.Module, x: Tensor, cache: KVCache | None) -> Tensor:
@@ -433,8 +444,7 @@ class PaLM(nn.Module):
                   device: torch.device | str | None = None, weights: str = "fp32") -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + new); `weights`
         (DECODE_WEIGHTS): the copies one-token steps multiply by on the CPU (elsewhere: the layers)."""
-        if weights not in DECODE_WEIGHTS:
-            raise UserError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, got {weights!r}")
+        check_decode_weights(weights)
         weight = self.token_emb.weight
         dtype = dtype or weight.dtype
         device = device or weight.device
@@ -444,8 +454,6 @@ class PaLM(nn.Module):
         fp32_bytes = sum(p.numel() * 4 for p in self.parameters())
         copies = (torch.device(device).type == "cpu" and fp32_bytes <= DECODE_COPY_MAX_BYTES
                   and not any(hasattr(p, "ds_id") for p in self.parameters()))
-        if copies and weights == "fp16":
-            check_fp16_decoding()
         return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),

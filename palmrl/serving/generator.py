@@ -138,7 +138,7 @@ class Engine:
         self.tokenizer = self.checkpoint.tokenizer()
         self.model = checkpoint.model_from_checkpoint(self.checkpoint).eval().to(device=self.device, dtype=dtype)
         self.decode_weights = prepare_decoding(self.model, decode_weights,
-                                                   key=f"{key.removesuffix('ckpt')}decode_weights")
+                                               key=f"{key.removesuffix('ckpt')}decode_weights")
         self.chat = self.checkpoint.stage != "pretrain" if str(chat) == "auto" else bool(chat)
         self.max_seq_len = int(self.model.config.max_seq_len)
         self.stop_ids = template_ids(self.tokenizer) | {self.tokenizer.eos_id}
