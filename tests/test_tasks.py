@@ -63,6 +63,25 @@ def test_deterministic_by_seed():
     assert [tasks.wrong_response(ex, rng_a) for ex in subset] == [tasks.wrong_response(ex, rng_b) for ex in subset]
 
 
+def test_examples_match_the_plain_draw_loop():
+    """make_examples skips solving and re-hashing redrawn prompts; the examples are those of the
+    plain loop (draw, solve, keep when in the split and new), so every run's data stays the same."""
+    def plain(split, n, seed, names):
+        rng, out, seen = random.Random(f"palmrl.tasks:{split}:{seed}"), [], set()
+        for _ in range(n):
+            task = tasks.TASKS[rng.choice(names)]
+            for attempt in range(2000):
+                ex = task.generate(rng)
+                if tasks.prompt_split(ex.prompt) == split and (ex.prompt not in seen or attempt >= 50):
+                    break
+            seen.add(ex.prompt)
+            out.append(ex)
+        return out
+
+    for split, seed, names in (("train", 0, list(tasks.TASKS)), ("val", 3, ["capital", "color", "count_words"])):
+        assert tasks.make_examples(split, 600, seed=seed, tasks=names) == plain(split, 600, seed, names)
+
+
 def test_responses_are_short(examples_by_split):
     assert max(len(ex.output) for exs in examples_by_split.values() for ex in exs) <= 20
 

@@ -433,6 +433,8 @@ class PaLM(nn.Module):
             inits += [(block.fused_proj.weight, std), (block.attn_out.weight, residual),
                       (block.ff_out.weight, residual)]
         for param, scale in inits:
+            if param.is_meta:  # shapes only (checkpoint checks, device plans): nothing to draw, and the
+                continue       # first meta normal_ loads torch's Python meta kernels (~2 s per process)
             with _whole(param):
                 nn.init.normal_(param, std=scale)
 
