@@ -1,5 +1,7 @@
 """PaLM model: causality, padding invariance, KV-cache exactness, paper parameter counts, config errors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,16 @@ def test_scalar_head():
     head = ScalarHead(3)
     assert head(hidden).shape == (2, 4, 1) and torch.equal(head(hidden), torch.zeros(2, 4, 1))
     assert ScalarHead(3, num_outputs=5)(hidden[:, -1]).shape == (2, 5)
+
+
+def test_a_model_built_on_the_meta_device_draws_nothing():
+    """Loading a checkpoint first builds its model on the meta device (checkpoint.check_fits_weights): no
+    init runs there, since torch's meta normal_ imports torch._dynamo (1.4 s of each `palmrl sample`)."""
+    code = ("import sys, torch\n"
+            "from palmrl.model import ModelConfig, PaLM\n"
+            "with torch.device('meta'):\n"
+            "    m = PaLM(ModelConfig(vocab_size=64, dim=16, depth=2, heads=2, dim_head=8, kv_heads=1, max_seq_len=32))\n"
+            "assert all(p.is_meta for p in m.parameters())\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

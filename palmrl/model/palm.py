@@ -401,7 +401,11 @@ class PaLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.token_emb = nn.Embedding(config.vocab_size, config.dim)
+        # built on the meta device (checkpoint checks, memory plans) the embedding skips its own init: there is
+        # nothing to draw, and torch's meta normal_ imports torch._dynamo (~1.5 s of every `palmrl sample`)
+        on_meta = torch.empty(0).device.type == "meta"
+        self.token_emb = nn.Embedding(config.vocab_size, config.dim,
+                                      _weight=torch.empty(config.vocab_size, config.dim) if on_meta else None)
         self.rotary = Rotary(config.dim_head, config.rotary_base, config.xpos,
                              config.xpos_scale_base, center=config.max_seq_len // 2)
         self.layers = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
@@ -433,8 +437,8 @@ class PaLM(nn.Module):
             inits += [(block.fused_proj.weight, std), (block.attn_out.weight, residual),
                       (block.ff_out.weight, residual)]
         for param, scale in inits:
-            if param.is_meta:  # shapes only (checkpoint checks, device plans): nothing to draw, and the
-                continue       # first meta normal_ loads torch's Python meta kernels (~2 s per process)
+            if param.is_meta:  # shapes only: nothing to draw (and see token_emb above)
+                continue
             with _whole(param):
                 nn.init.normal_(param, std=scale)
 
