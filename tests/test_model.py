@@ -226,3 +226,25 @@ def test_a_model_built_on_the_meta_device_draws_nothing():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("xpos", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_rotate_half_formula_to_the_last_bit(xpos, dtype):
+    """RotaryTables rolls x and keeps sin with rotate_half's sign folded in: the same values as RoFormer's
+    x * cos + rotate_half(x) * sin, bit for bit (so the fewer operators change no run's numbers)."""
+    from palmrl.model.palm import Rotary
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    tables = Rotary(dim_head=16, base=10000.0, xpos=xpos, xpos_scale_base=512, center=64)(
+        torch.tensor([[0, 3, 7, 100, 127]]), torch.float32)
+    assert tables.shared is not xpos
+    x = torch.randn(2, 5, 3, 16).to(dtype)
+    for rotate, cos, signed_sin in ((tables.queries, tables.q_cos, tables.q_sin),
+                                    (tables.keys, tables.k_cos, tables.k_sin)):
+        sin = torch.cat((-signed_sin[..., :8], signed_sin[..., 8:]), dim=-1)  # negation is exact
+        assert torch.equal(sin[..., :8], sin[..., 8:])  # the two halves hold the same frequencies
+        assert torch.equal(rotate(x), x * cos.to(dtype) + rotate_half(x) * sin.to(dtype))
