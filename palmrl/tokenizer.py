@@ -89,6 +89,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos/eos; special-token text is encoded as ordinary text."""
+        if self._sp is not None and _SPACE_MARK not in text:
+            # one text straight to SentencePiece: its list call starts a thread pool each time, ~10x the
+            # encoding itself for a short text (40,000 task prompts: 5 s against 0.5 s)
+            return self._sp.encode(text)
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -248,3 +248,29 @@ def test_rotary_equals_the_rotate_half_formula_to_the_last_bit(xpos, dtype):
         sin = torch.cat((-signed_sin[..., :8], signed_sin[..., 8:]), dim=-1)  # negation is exact
         assert torch.equal(sin[..., :8], sin[..., 8:])  # the two halves hold the same frequencies
         assert torch.equal(rotate(x), x * cos.to(dtype) + rotate_half(x) * sin.to(dtype))
+
+
+def test_a_decoding_step_takes_the_general_pattern_in_fewer_operators():
+    """PaLM._decoding_step (one token after the prompt) gives the positions, attention pattern and cache
+    state of _positions_and_pattern, pads in the new column included; the rotary rows a cache indexes
+    are the ones computed for those positions directly."""
+    import copy
+
+    torch.manual_seed(0)
+    model = PaLM(ModelConfig(vocab_size=64, dim=16, depth=1, heads=2, dim_head=8, kv_heads=1, max_seq_len=32))
+    model.requires_grad_(False)
+    prompt = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 7]])
+    cache = model.new_cache(3, 12)
+    model(prompt, attention_mask=prompt != 0, cache=cache)
+    for column in ([[True], [False], [True]], [[False], [True], [True]], None):
+        mask = None if column is None else torch.tensor(column)
+        token = torch.tensor([[9], [8], [7]])
+        general, fast = copy.deepcopy(cache), copy.deepcopy(cache)
+        expected = model._positions_and_pattern(token, mask, general)
+        got = model._decoding_step(token, mask, fast)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+        assert torch.equal(general.key_mask, fast.key_mask) and torch.equal(general.lengths, fast.lengths)
+        model(token, attention_mask=mask, cache=cache)
+    direct = model.rotary(got[0], torch.float32)
+    indexed = cache.rotary.at(got[0])
+    assert torch.equal(direct.q_cos, indexed.q_cos) and torch.equal(direct.q_sin, indexed.q_sin)

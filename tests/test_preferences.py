@@ -4,14 +4,12 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 from palmrl import tasks
 from palmrl.data.chat import render_chat
 from palmrl.data.preferences import (
     PreferencePair,
     RatedResponse,
-    RenderedReplies,
     collate_pairs,
     collate_ratings,
     embedded_task_pairs,
@@ -154,24 +152,6 @@ def test_collate_pairs(tok):
     long = collate_pairs(tok, [PreferencePair("x" * 50, "yes", "no")], max_len=16)
     assert long.chosen_tokens.shape[1] == 16 and long.chosen_tokens[0, 0] == tok.bos_id
     assert long.chosen_tokens[0, -4:].tolist() == tok.encode("yes") + [tok.eos_id] and long.chosen_last[0] == 15
-
-
-def test_rendered_replies_give_the_same_batches_and_render_each_reply_once(tok, monkeypatch):
-    from palmrl.data import preferences
-
-    pairs = [PreferencePair("2+2?", "4", "five"), PreferencePair([{"role": "user", "content": "hi"}], "hello", "no"),
-             PreferencePair("x" * 50, "yes", "no")]
-    rated = [RatedResponse("a", "b", 1), RatedResponse([{"role": "user", "content": "a"}], "b", 2)]
-    renders = []
-    real = preferences._reply_tokens
-    monkeypatch.setattr(preferences, "_reply_tokens", lambda *a: renders.append(a[1:3]) or real(*a))
-    kept = RenderedReplies(tok, max_len=16)
-    for _ in range(3):  # three epochs
-        for fresh, cached in ((collate_pairs(tok, pairs, 16), collate_pairs(tok, pairs, 16, kept)),
-                              (collate_ratings(tok, rated, 16), collate_ratings(tok, rated, 16, kept))):
-            assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(fresh, cached, strict=True))
-    once = 2 * len(pairs) + 2  # a string prompt and the same message list are different prompts
-    assert len(renders) == 3 * once + once, renders
 
 
 def test_collate_ratings(tok):

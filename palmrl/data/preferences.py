@@ -22,7 +22,6 @@ data (`data.val_path` / `data.val_split`, else a hash hold-out of `data.val_frac
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -348,46 +347,20 @@ def _reply_tokens(tokenizer, prompt: Prompt, reply: str, max_len: int) -> list[i
     return _fit(rendered.tokens, max_len, tokenizer.bos_id)
 
 
-class RenderedReplies:
-    """(prompt, reply) -> its chat-template tokens fitted to max_len, rendered once and kept as int32
-    (4 bytes a token): a training run shows each pair or rated reply several times (the demo's reward
-    stage ~4 times), and rendering and encoding them again was a fifth of a palm_tiny reward step."""
-
-    def __init__(self, tokenizer, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
-        self._rows: dict[tuple[str, str], torch.Tensor] = {}
-
-    def __call__(self, prompt: Prompt, reply: str) -> torch.Tensor:
-        key = (prompt if isinstance(prompt, str) else json.dumps(prompt), reply)
-        row = self._rows.get(key)
-        if row is None:
-            tokens = _reply_tokens(self.tokenizer, prompt, reply, self.max_len)
-            row = self._rows[key] = torch.tensor(tokens, dtype=torch.int32)
-        return row
-
-
-def _pad(rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int, T: int,
-         left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: Sequence[list[int]], pad_id: int, T: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, row in enumerate(rows):
         span = slice(T - len(row), T) if left else slice(0, len(row))
-        tokens[b, span] = torch.as_tensor(row, dtype=torch.long)
+        tokens[b, span] = torch.tensor(row, dtype=torch.long)
         mask[b, span] = True
     return tokens, mask
 
 
-def _renderer(tokenizer, max_len: int, replies: RenderedReplies | None):
-    return replies if replies is not None else lambda prompt, reply: _reply_tokens(tokenizer, prompt, reply, max_len)
-
-
-def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int,
-                  replies: RenderedReplies | None = None) -> PairBatch:
-    """Render both halves with the chat template (or take them from `replies`, which keeps them);
-    over-long rows keep bos and their last tokens."""
-    render = _renderer(tokenizer, max_len, replies)
-    chosen = [render(p.prompt, p.chosen) for p in pairs]
-    rejected = [render(p.prompt, p.rejected) for p in pairs]
+def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> PairBatch:
+    """Render both halves with the chat template; over-long rows keep bos and their last tokens."""
+    chosen = [_reply_tokens(tokenizer, p.prompt, p.chosen, max_len) for p in pairs]
+    rejected = [_reply_tokens(tokenizer, p.prompt, p.rejected, max_len) for p in pairs]
     T = max(len(row) for row in chosen + rejected)
     chosen_tokens, chosen_mask = _pad(chosen, tokenizer.pad_id, T)
     rejected_tokens, rejected_mask = _pad(rejected, tokenizer.pad_id, T)
@@ -401,11 +374,9 @@ def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int,
     )
 
 
-def collate_ratings(tokenizer, rated: Sequence[RatedResponse], max_len: int,
-                    replies: RenderedReplies | None = None) -> RatingBatch:
+def collate_ratings(tokenizer, rated: Sequence[RatedResponse], max_len: int) -> RatingBatch:
     """Rated replies rendered like pair halves; labels are 0-based rating classes."""
-    render = _renderer(tokenizer, max_len, replies)
-    rows = [render(r.prompt, r.response) for r in rated]
+    rows = [_reply_tokens(tokenizer, r.prompt, r.response, max_len) for r in rated]
     tokens, mask = _pad(rows, tokenizer.pad_id, max(len(row) for row in rows))
     last = torch.tensor([len(row) - 1 for row in rows], dtype=torch.long)
     return RatingBatch(tokens, mask, last, torch.tensor([r.rating - 1 for r in rated], dtype=torch.long))

@@ -178,6 +178,16 @@ class RotaryTables:
         self.k_cos = self.q_cos if k_cos is None else k_cos
         self.k_sin = self.q_sin if k_sin is None else _signed(k_sin)
 
+    def at(self, positions: Tensor) -> RotaryTables:
+        """Tables made for positions 0..N-1 ((1, N, 1, E)), taken at `positions` (B, T) -> (B, T, 1, E):
+        a decoding step indexes its cache's tables instead of computing cos and sin again."""
+        out = object.__new__(RotaryTables)
+        out.shared = self.shared
+        out.q_cos, out.q_sin = self.q_cos[0, positions], self.q_sin[0, positions]
+        out.k_cos = out.q_cos if self.shared else self.k_cos[0, positions]
+        out.k_sin = out.q_sin if self.shared else self.k_sin[0, positions]
+        return out
+
     # the tables follow q/k's dtype: under autocast q is bf16 while the residual stream is fp32
     def queries(self, q: Tensor) -> Tensor:
         return _rotate(q, self.q_cos, self.q_sin)
@@ -217,6 +227,7 @@ class KVCache:
         self.key_mask = key_mask  # (B, max_len) bool, True on slots holding real tokens
         self.lengths = lengths  # (B,) long, real tokens written so far
         self.offset = 0  # slots written so far (same for every row)
+        self.rotary: RotaryTables | None = None  # the model's tables for positions 0..max_len-1, made once
         self.weights = weights
         # (weights, id(weight)) -> (data_ptr, version, copy): a Tensor, or FBGEMM's packed fp16 matrix; this
         # loop's own, or the model's kept ones (PaLM.keep_decode_copies)
@@ -499,6 +510,9 @@ class PaLM(nn.Module):
             positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
             if not causal_sdpa:
                 allowed = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None]  # (1, T, S)
+        elif cache is not None and T == 1 and cache.offset > 0:
+            positions, allowed = self._decoding_step(tokens, attention_mask, cache)
+            causal_sdpa = False
         else:
             positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
             causal_sdpa = False
@@ -508,7 +522,12 @@ class PaLM(nn.Module):
             allowed = allowed[:, None] if T == 1 else allowed.repeat_interleave(G, dim=1)[:, None]
             bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
             bias = bias.masked_fill(~allowed, float("-inf"))  # additive: 0 = may attend
-        rotary = self.rotary(positions, x.dtype)
+        if cache is None:
+            rotary = self.rotary(positions, x.dtype)
+        else:  # the tables of every slot once per cache; each call takes its rows
+            if cache.rotary is None or cache.rotary.q_cos.dtype != x.dtype:
+                cache.rotary = self.rotary(torch.arange(cache.max_len, device=tokens.device)[None], x.dtype)
+            rotary = cache.rotary.at(positions)
 
         # blocks
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
@@ -521,6 +540,21 @@ class PaLM(nn.Module):
             cache.offset += T
 
         return self.norm(x)  # (B, T, D)
+
+    def _decoding_step(self, tokens: Tensor, attention_mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor]:
+        """`_positions_and_pattern` for one new token after the prompt, in fewer operators: its slot is
+        the last, so every key slot is causally visible and its position is the row's length so far."""
+        start = cache.offset
+        if start + 1 > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + 1} requested")
+        mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must match tokens {tuple(tokens.shape)}")
+        positions = cache.lengths[:, None].clone()  # (B, 1)
+        cache.key_mask[:, start] = mask[:, 0]
+        cache.lengths += mask[:, 0]
+        allowed = cache.key_mask[:, None, :start + 1] | ~mask[:, :, None]  # (B, 1, S): a pad query sees all
+        return positions, allowed
 
     def _positions_and_pattern(self, tokens: Tensor, attention_mask: Tensor | None,
                                cache: KVCache | None) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 from palmrl.config import Invalid, typed
 from palmrl.data.instructions import ShuffledBatches, share_of
 from palmrl.data.preferences import (
-    RenderedReplies,
     collate_pairs,
     collate_ratings,
     load_preference_pairs,
@@ -106,7 +105,6 @@ class RewardRecipe:
 
     def build_data(self) -> None:
         cfg, tokenizer, max_len = self.cfg, self.tokenizer, self.max_len
-        replies = RenderedReplies(tokenizer, max_len)  # each pair's tokens made once, not once an epoch
         if self.pairwise:
             train_items, stats = load_preference_pairs(cfg.data, "train")
             val_items, val_stats = load_preference_pairs(cfg.data, "val")
@@ -117,12 +115,12 @@ class RewardRecipe:
                     raise UserError("data.policy_negatives needs data.source=tasks (the checker labels the samples)")
                 train_items, val_items = with_policy_negatives(self.palm, tokenizer, cfg, share, train_items, val_items)
                 stats["policy_negative_pairs"] = {"train": len(train_items), "val": len(val_items)}
-            self.collate = lambda items: collate_pairs(tokenizer, items, max_len, replies)
+            self.collate = lambda items: collate_pairs(tokenizer, items, max_len)
         else:
             num_bins = self.settings.num_bins
             train_items, val_items = load_ratings(cfg.data, "train", num_bins), load_ratings(cfg.data, "val", num_bins)
             stats = {"total": len(train_items)}
-            self.collate = lambda items: collate_ratings(tokenizer, items, max_len, replies)
+            self.collate = lambda items: collate_ratings(tokenizer, items, max_len)
         self.train_items, self.val_items, self.stats = train_items, val_items, stats
         self.order = ShuffledBatches(train_items, batch_size=int(cfg.train.micro_batch_size), pad_id=tokenizer.pad_id,
                                      seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size)
