@@ -263,7 +263,7 @@ def _words_up_to(max_len: int) -> tuple[str, ...]:
 
 
 def _word(rng: random.Random, max_len: int = 7) -> str:
-    return rng.choice(_words_up_to(max_len))  # filtered once: the list was rebuilt per draw (0.7 of SFT's startup)
+    return rng.choice(_words_up_to(max_len))  # filtered once, not per draw (it was 70% of SFT's startup)
 
 
 def _swap_adjacent(text: str, rng: random.Random) -> str:

@@ -250,27 +250,29 @@ def test_rotary_equals_the_rotate_half_formula_to_the_last_bit(xpos, dtype):
         assert torch.equal(rotate(x), x * cos.to(dtype) + rotate_half(x) * sin.to(dtype))
 
 
-def test_a_decoding_step_takes_the_general_pattern_in_fewer_operators():
-    """PaLM._decoding_step (one token after the prompt) gives the positions, attention pattern and cache
-    state of _positions_and_pattern, pads in the new column included; the rotary rows a cache indexes
-    are the ones computed for those positions directly."""
-    import copy
-
+def test_a_decoding_step_gives_the_pattern_of_the_whole_sequence_at_once():
+    """A one-token step after the prompt takes a shortcut in _positions_and_pattern; its attention pattern
+    and its real tokens' positions are the last row of the general path's over the whole sequence so far
+    (pads in the new column included), and the rotary rows a cache indexes are those computed directly."""
     torch.manual_seed(0)
     model = PaLM(ModelConfig(vocab_size=64, dim=16, depth=1, heads=2, dim_head=8, kv_heads=1, max_seq_len=32))
     model.requires_grad_(False)
-    prompt = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 7]])
+    tokens = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 7]])
+    mask = tokens != 0
     cache = model.new_cache(3, 12)
-    model(prompt, attention_mask=prompt != 0, cache=cache)
-    for column in ([[True], [False], [True]], [[False], [True], [True]], None):
-        mask = None if column is None else torch.tensor(column)
-        token = torch.tensor([[9], [8], [7]])
-        general, fast = copy.deepcopy(cache), copy.deepcopy(cache)
-        expected = model._positions_and_pattern(token, mask, general)
-        got = model._decoding_step(token, mask, fast)
-        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
-        assert torch.equal(general.key_mask, fast.key_mask) and torch.equal(general.lengths, fast.lengths)
-        model(token, attention_mask=mask, cache=cache)
-    direct = model.rotary(got[0], torch.float32)
-    indexed = cache.rotary.at(got[0])
+    model(tokens, attention_mask=mask, cache=cache)
+    for column in ([[True], [False], [True]], [[False], [True], [True]], [[True], [True], [True]]):
+        step, step_mask = torch.tensor([[9], [8], [7]]), torch.tensor(column)
+        tokens, mask = torch.cat((tokens, step), 1), torch.cat((mask, step_mask), 1)
+        positions, allowed = model._positions_and_pattern(step, step_mask, cache)
+        whole = model.new_cache(3, 12)
+        all_positions, all_allowed = model._positions_and_pattern(tokens, mask, whole)
+        assert torch.equal(allowed, all_allowed[:, -1:])
+        # a pad's position is never used (nothing attends to it); real tokens are placed alike
+        assert torch.equal(positions[step_mask], all_positions[:, -1:][step_mask])
+        assert torch.equal(cache.key_mask, whole.key_mask) and torch.equal(cache.lengths, whole.lengths)
+        cache.offset += 1  # what the model's forward does after its layers
+    direct = model.rotary(positions, torch.float32)
+    model(step, attention_mask=step_mask, cache=cache)
+    indexed = cache.rotary.at(positions)
     assert torch.equal(direct.q_cos, indexed.q_cos) and torch.equal(direct.q_sin, indexed.q_sin)

@@ -431,9 +431,9 @@ class PaLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # built on the meta device (checkpoint checks, memory plans) the embedding skips its own init: there is
-        # nothing to draw, and torch's meta normal_ imports torch._dynamo (~1.5 s of every `palmrl sample`)
-        on_meta = torch.empty(0).device.type == "meta"
+        # built on the meta device (checkpoint checks, memory plans) nothing is initialised: there is nothing
+        # to draw, and torch's meta normal_ imports torch._dynamo (~1.5 s of every `palmrl sample`)
+        on_meta = torch.get_default_device().type == "meta"
         self.token_emb = nn.Embedding(config.vocab_size, config.dim,
                                       _weight=torch.empty(config.vocab_size, config.dim) if on_meta else None)
         self.rotary = Rotary(config.dim_head, config.rotary_base, config.xpos,
@@ -443,7 +443,8 @@ class PaLM(nn.Module):
         self.activation_checkpointing = False  # recompute each block in backward (train.activation_checkpointing)
         self.causal_sdpa: bool | None = None  # unpadded, uncached calls through SDPA is_causal; None: off the CPU
         self.decode_copies: dict | None = None  # keep_decode_copies: weight copies shared by every decode loop
-        self.reset_parameters()
+        if not on_meta:
+            self.reset_parameters()
 
     def keep_decode_copies(self) -> PaLM:
         """Keep the weight copies CPU decoding makes (DECODE_WEIGHTS) across decode loops, for a model
@@ -467,8 +468,6 @@ class PaLM(nn.Module):
             inits += [(block.fused_proj.weight, std), (block.attn_out.weight, residual),
                       (block.ff_out.weight, residual)]
         for param, scale in inits:
-            if param.is_meta:  # shapes only: nothing to draw (and see token_emb above)
-                continue
             with _whole(param):
                 nn.init.normal_(param, std=scale)
 
@@ -510,9 +509,6 @@ class PaLM(nn.Module):
             positions = torch.arange(T, device=tokens.device)[None]  # (1, T)
             if not causal_sdpa:
                 allowed = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()[None]  # (1, T, S)
-        elif cache is not None and T == 1 and cache.offset > 0:
-            positions, allowed = self._decoding_step(tokens, attention_mask, cache)
-            causal_sdpa = False
         else:
             positions, allowed = self._positions_and_pattern(tokens, attention_mask, cache)
             causal_sdpa = False
@@ -541,21 +537,6 @@ class PaLM(nn.Module):
 
         return self.norm(x)  # (B, T, D)
 
-    def _decoding_step(self, tokens: Tensor, attention_mask: Tensor | None, cache: KVCache) -> tuple[Tensor, Tensor]:
-        """`_positions_and_pattern` for one new token after the prompt, in fewer operators: its slot is
-        the last, so every key slot is causally visible and its position is the row's length so far."""
-        start = cache.offset
-        if start + 1 > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + 1} requested")
-        mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mask.shape != tokens.shape:
-            raise ValueError(f"attention_mask {tuple(mask.shape)} must match tokens {tuple(tokens.shape)}")
-        positions = cache.lengths[:, None].clone()  # (B, 1)
-        cache.key_mask[:, start] = mask[:, 0]
-        cache.lengths += mask[:, 0]
-        allowed = cache.key_mask[:, None, :start + 1] | ~mask[:, :, None]  # (B, 1, S): a pad query sees all
-        return positions, allowed
-
     def _positions_and_pattern(self, tokens: Tensor, attention_mask: Tensor | None,
                                cache: KVCache | None) -> tuple[Tensor, Tensor]:
         """Rotary positions (B, T) and allowed (B, T, S) for a padded batch and/or a cache."""
@@ -566,14 +547,20 @@ class PaLM(nn.Module):
         if mask.shape != tokens.shape:
             raise ValueError(f"attention_mask {tuple(mask.shape)} must match tokens {tuple(tokens.shape)}")
         mask = mask.bool()
+        start = 0 if cache is None else cache.offset
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
+        if cache is not None and T == 1 and start > 0:
+            # a decoding step, in fewer operators than below: its slot is the last, so every key slot is
+            # causally visible, and its position is the row's length so far
+            positions = cache.lengths[:, None].clone()  # (B, 1)
+            cache.key_mask[:, start] = mask[:, 0]
+            cache.lengths += mask[:, 0]
+            return positions, cache.key_mask[:, None, :start + 1] | ~mask[:, :, None]  # a pad query sees all
 
         # a token's position is the number of real tokens before it (pads sit at 0)
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-        start = 0
         if cache is not None:
-            start = cache.offset
-            if start + T > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
             positions = positions + cache.lengths[:, None]
             cache.key_mask[:, start:start + T] = mask
             cache.lengths += mask.sum(dim=1)
