@@ -7,10 +7,13 @@ look for through MPI.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +135,55 @@ def keep_freed_memory() -> bool:
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
     return all(libc.mallopt(option, value) == 1 for option, value in (
         (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
+
+
+# DeepSpeed's Muon optimizer (module -> the names DeepSpeed's ZeRO and bf16 optimizers import from it)
+DEEPSPEED_MUON = {"deepspeed.runtime.zero.muon.muon_optimizer": "MuonWithAuxAdam",
+                  "deepspeed.runtime.zero.muon.original_muon": "muon_update"}
+
+
+class _MuonNotLoaded:
+    """Stands in for DeepSpeed's MuonWithAuxAdam where palmrl builds the optimizers: nothing is one."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("this palmrl training process stands in for DeepSpeed's Muon optimizer "
+                           "(palmrl.runtime.skip_deepspeed_muon): import it before the stage starts to use it")
+
+
+def _muon_update_not_loaded(*args, **kwargs):
+    raise RuntimeError("DeepSpeed's muon_update without its Muon optimizer (palmrl.runtime.skip_deepspeed_muon)")
+
+
+def skip_deepspeed_muon() -> None:
+    """Keep DeepSpeed's Muon optimizer from loading in a process that trains with palmrl's AdamW.
+
+    DeepSpeed's `initialize`, its ZeRO-1/2/3 and bf16 optimizers import the Muon modules to ask
+    `isinstance(optimizer, MuonWithAuxAdam)` or to fetch `muon_update` for Muon parameter groups, and
+    importing them `torch.compile`s Muon's kernels, which loads all of inductor: 2-3 s of every
+    training command's start on a CPU (`palmrl pretrain` to its first step: 8.0-8.4 s with them,
+    5.8-6.0 s without, alternating runs on palm_tiny). palmrl's optimizer is always AdamW (engine.ds_config), so
+    stand-ins (a class nothing is an instance of, a function nothing calls) give DeepSpeed the same
+    answers; any other name asked of them loads the real module. `run_stage` calls this for training
+    stages the CLI started (processes palmrl owns); a process that loaded the real modules keeps them."""
+    for name, attr in DEEPSPEED_MUON.items():
+        if name in sys.modules:
+            continue
+        stand_in = types.ModuleType(name, "palmrl's stand-in: see palmrl.runtime.skip_deepspeed_muon")
+        setattr(stand_in, attr, _MuonNotLoaded if attr == "MuonWithAuxAdam" else _muon_update_not_loaded)
+        stand_in.__getattr__ = functools.partial(_real_module_attribute, name)
+        stand_in.palmrl_stand_in = True
+        sys.modules[name] = stand_in
+
+
+def _real_module_attribute(name: str, attr: str):
+    """A name the stand-in does not have (a newer DeepSpeed's): load the real module and answer from it."""
+    import importlib
+
+    if attr.startswith("__"):  # the import system's own questions (__path__, __file__, ...)
+        raise AttributeError(attr)
+    if getattr(sys.modules.get(name), "palmrl_stand_in", False):
+        del sys.modules[name]
+    return getattr(importlib.import_module(name), attr)
 
 
 def init_distributed() -> Dist:
@@ -284,6 +336,8 @@ def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path],
         check_override_types(stage, cfg)
     if all(key in cfg for key in ("train", "optim", "zero")):
         check_training_config(cfg)
+        if from_cli:
+            skip_deepspeed_muon()
         resume = cfg.get("resume")
         if resume is not None and str(resume) != "auto":  # before a tokenizer is trained or data tokenised
             folder = Path(str(resume))

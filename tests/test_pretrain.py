@@ -295,3 +295,50 @@ def test_activation_checkpointing_trains_the_same_model(tmp_path, tokenizer_dir,
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     losses = lambda folder: [m["loss"] for m in metrics(folder) if "loss" in m]
     assert losses(plain) and losses(plain) == pytest.approx(losses(recomputed), rel=1e-5)
+
+
+@pytest.mark.integration
+def test_training_never_loads_deepspeeds_muon_and_trains_the_same():
+    """DeepSpeed's Muon modules torch.compile their kernels as they load (2-3 s of each training
+    command's start). Behind palmrl's stand-ins (palmrl.runtime.skip_deepspeed_muon) DeepSpeed's bf16
+    and ZeRO-1/2/3 optimizers train without loading them, to the same weights as with the real
+    modules, loaded afterwards in the same process through a name the stand-ins lack."""
+    code = """
+import json, sys, torch, deepspeed
+from palmrl.runtime import DEEPSPEED_MUON, init_distributed, skip_deepspeed_muon
+
+def train():
+    sums = []
+    for stage, bf16 in ((0, True), (1, False), (2, True), (3, False)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+        config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
+                  "bf16": {"enabled": bf16}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        for _ in range(2):
+            x = torch.randn(4, 8, dtype=torch.bfloat16 if bf16 else torch.float32)
+            engine.backward(engine(x).float().pow(2).mean())
+            engine.step()
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            sums.append(sum(p.double().sum().item() for p in model.parameters()))
+    return sums
+
+skip_deepspeed_muon()
+init_distributed()
+stand_in = train()
+loaded = "torch._inductor.compile_fx" in sys.modules
+from deepspeed.runtime.zero.muon.original_muon import adam_update  # not a stand-in's name: the real module loads
+real_module = sys.modules["deepspeed.runtime.zero.muon.original_muon"].__file__
+del sys.modules["deepspeed.runtime.zero.muon.muon_optimizer"]  # the other one, for the comparison
+print(json.dumps({"stand_in": stand_in, "loaded": loaded, "real_module": real_module, "real": train(),
+                  "after": "torch._inductor.compile_fx" in sys.modules}))
+"""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                          env={**env, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert run["loaded"] is False and run["after"] is True
+    assert run["real_module"].endswith("deepspeed/runtime/zero/muon/original_muon.py")
+    assert run["stand_in"] == run["real"]  # the same updates, bit for bit
