@@ -160,22 +160,26 @@ def main(argv: list[str] | None = None) -> None:
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
         # DeepSpeed's JIT-built ops go into the environment (as `make` arranges), built once per venv
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
     import hydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     def task(cfg):
-        from palmrl.runtime import run_stage
+        from palmrl.config import check_stage_config
 
         try:
+            # before torch and the stage's module are imported: a bad value ends in ~1 s, not ~7
+            check_stage_config(stage, cfg, from_cli=True)
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
+            from palmrl.runtime import run_stage
+
             runner = stage_runner(stage)
             if stage == "pipeline":
                 runner = functools.partial(runner, routed=routed)
-            return run_stage(stage, cfg, runner, from_cli=True)
+            return run_stage(stage, cfg, runner, from_cli=True, checked=True)
         except UserError as err:  # exit here: Hydra would add its own "Error executing job" line
             _fail(str(err), err.exit_code)
 

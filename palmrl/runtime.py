@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from palmrl.config import check_override_types, check_training_config
+from palmrl.config import check_stage_config, is_training_config
 from palmrl.errors import UserError
 
 
@@ -276,18 +276,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_out_dir(stage: str, cfg: DictConfig) -> None:
-    if cfg.get("out_dir") is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            out = HydraConfig.get().runtime.output_dir
-        except ValueError:  # composed outside @hydra.main (tests, API use)
-            out = f"runs/{cfg.run_name}/{stage}"
-        with open_dict(cfg):
-            cfg.out_dir = str(out)
-
-
 _PROCESS_STAGE_MARK = time.perf_counter()
 _stage_started = [_PROCESS_STAGE_MARK]  # no stage has run in this process while it holds the mark
 _imported = time.time()  # fallback start of this process where /proc is missing
@@ -320,30 +308,16 @@ def stage_seconds() -> float:
     return time.perf_counter() - _stage_started[0]
 
 
-def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path], *, from_cli: bool = False) -> Path:
-    """Resolve the config, check it, then hand it to the stage runner."""
+def run_stage(stage: str, cfg: DictConfig, runner: Callable[[DictConfig], Path], *, from_cli: bool = False,
+              checked: bool = False) -> Path:
+    """Resolve the config, check it (unless the caller did: `checked`), then hand it to the stage runner."""
     _startup_from_process[0] = from_cli and _stage_started[0] == _PROCESS_STAGE_MARK
     _stage_started[0] = time.perf_counter()
-    _resolve_out_dir(stage, cfg)
-    try:
-        OmegaConf.resolve(cfg)
-    except Exception as err:  # an interpolation that cannot resolve, or a missing ??? value
-        raise UserError(f"config: {str(err).splitlines()[0]}") from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(f"config: missing value for '{missing[0]}' (set it on the command line: {missing[0]}=...)")
-    if from_cli:
-        check_override_types(stage, cfg)
-    if all(key in cfg for key in ("train", "optim", "zero")):
-        check_training_config(cfg)
+    if not checked:
+        check_stage_config(stage, cfg, from_cli=from_cli)
+    if is_training_config(cfg):
         if from_cli:
             skip_deepspeed_muon()
-        resume = cfg.get("resume")
-        if resume is not None and str(resume) != "auto":  # before a tokenizer is trained or data tokenised
-            folder = Path(str(resume))
-            if not (folder.name.startswith("step-") and folder.name[5:].isdigit() and folder.is_dir()):
-                raise UserError(f"resume: {resume} is not a step folder (…/<stage>/step-NNNNNN); "
-                                f"use resume=auto to continue the newest one")
         with open_dict(cfg):  # decided here, so the run's config.yaml and manifests say which
             cfg.precision = training_precision(str(cfg.precision))
         if not torch.cuda.is_available():

@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from test_serve import free_port
 
 from palmrl.errors import UserError
 
-from conftest import palmrl_cli
+from conftest import CONFIG_DIR, palmrl_cli
 
 TINY = ["model=palm_tiny", "train.max_steps=2", "train.micro_batch_size=8", "train.seq_len=64"]
 
@@ -234,6 +237,22 @@ def test_bad_input_through_the_real_command(argv, culprit, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("palmrl: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and culprit in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [["pretrain", "train.max_steps=abc"], ["pretrain", "resume=/no/such/step"],
+                                  ["sft", "optim.lr=-1"], ["pretrain", "zero=null"]])
+def test_a_bad_value_fails_before_torch_loads(argv):
+    """The CLI checks the composed config before it imports torch or the stage's module, so a bad
+    value ends in about a second; it took ~7 s once DeepSpeed had loaded for the stage."""
+    code = ("import sys\nfrom palmrl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n"
+            "    print(stop.code, [name for name in ('torch', 'deepspeed') if name in sys.modules])")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                          env={**env, "PALMRL_CONFIG_DIR": str(CONFIG_DIR)})
+    assert proc.stdout.split() == ["2", "[]"], (proc.stdout, proc.stderr[-2000:])
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("palmrl: error:")]) == 1
 
 
 # ---- property-based: the data readers never fail with anything but a UserError ----------------
