@@ -137,11 +137,6 @@ def keep_freed_memory() -> bool:
         (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
-# DeepSpeed's Muon optimizer (module -> the names DeepSpeed's ZeRO and bf16 optimizers import from it)
-DEEPSPEED_MUON = {"deepspeed.runtime.zero.muon.muon_optimizer": "MuonWithAuxAdam",
-                  "deepspeed.runtime.zero.muon.original_muon": "muon_update"}
-
-
 class _MuonNotLoaded:
     """Stands in for DeepSpeed's MuonWithAuxAdam where palmrl builds the optimizers: nothing is one."""
 
@@ -154,6 +149,11 @@ def _muon_update_not_loaded(*args, **kwargs):
     raise RuntimeError("DeepSpeed's muon_update without its Muon optimizer (palmrl.runtime.skip_deepspeed_muon)")
 
 
+# DeepSpeed's Muon modules -> the name DeepSpeed's ZeRO and bf16 optimizers import from each, and its stand-in
+DEEPSPEED_MUON = {"deepspeed.runtime.zero.muon.muon_optimizer": ("MuonWithAuxAdam", _MuonNotLoaded),
+                  "deepspeed.runtime.zero.muon.original_muon": ("muon_update", _muon_update_not_loaded)}
+
+
 def skip_deepspeed_muon() -> None:
     """Keep DeepSpeed's Muon optimizer from loading in a process that trains with palmrl's AdamW.
 
@@ -161,15 +161,16 @@ def skip_deepspeed_muon() -> None:
     `isinstance(optimizer, MuonWithAuxAdam)` or to fetch `muon_update` for Muon parameter groups, and
     importing them `torch.compile`s Muon's kernels, which loads all of inductor: 2-3 s of every
     training command's start on a CPU (`palmrl pretrain` to its first step: 8.0-8.4 s with them,
-    5.8-6.0 s without, alternating runs on palm_tiny). palmrl's optimizer is always AdamW (engine.ds_config), so
-    stand-ins (a class nothing is an instance of, a function nothing calls) give DeepSpeed the same
-    answers; any other name asked of them loads the real module. `run_stage` calls this for training
-    stages the CLI started (processes palmrl owns); a process that loaded the real modules keeps them."""
-    for name, attr in DEEPSPEED_MUON.items():
+    5.8-6.0 s without, alternating runs on palm_tiny). palmrl's optimizer is always AdamW
+    (engine.ds_config), so stand-ins (a class nothing is an instance of, a function nothing calls)
+    give DeepSpeed the same answers; any other name asked of them loads the real module. `run_stage`
+    calls this for training stages the CLI started (processes palmrl owns); a process that loaded the
+    real modules keeps them."""
+    for name, (attr, value) in DEEPSPEED_MUON.items():
         if name in sys.modules:
             continue
         stand_in = types.ModuleType(name, "palmrl's stand-in: see palmrl.runtime.skip_deepspeed_muon")
-        setattr(stand_in, attr, _MuonNotLoaded if attr == "MuonWithAuxAdam" else _muon_update_not_loaded)
+        setattr(stand_in, attr, value)
         stand_in.__getattr__ = functools.partial(_real_module_attribute, name)
         stand_in.palmrl_stand_in = True
         sys.modules[name] = stand_in
