@@ -308,6 +308,47 @@ def test_kv_cache_generation_matches_full_forward(hf_run):
         generate(model, prompts, max_new_tokens=2, decode_weights="fp16")
 
 
+@pytest.mark.unit
+def test_chat_template_renderings_are_kept_and_equal_fresh_ones(sources):
+    """The Jinja template runs once per distinct conversation (the halves of a preference pair share
+    their prompt, epochs repeat it), and a kept rendering equals a fresh one, however it is used."""
+    from palmrl.data.chat import render_chat, render_prompt
+    from palmrl.tokenizer import HFTokenizer
+
+    system = {"role": "system", "content": "Be brief."}
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                     for q in ("What color is grass?", "Larger: 3 or 4?") for a in ("green", "4", "Hope this helps!")]
+    conversations += [[system, *c, {"role": "user", "content": "And?"}, {"role": "assistant", "content": "ok"}]
+                      for c in conversations[:2]]
+    load = lambda: HFTokenizer.load(sources["llama"])  # noqa: E731
+    fresh = [render_chat(load(), c) for c in conversations]  # a new tokenizer for each: nothing kept
+    tokenizer = load()
+    real, calls = tokenizer.tk.apply_chat_template, []
+    tokenizer.tk.apply_chat_template = lambda *a, **k: calls.append(1) or real(*a, **k)
+    for _epoch in range(2):
+        for conversation, expected in zip(conversations, fresh):
+            rendered = render_chat(tokenizer, conversation)
+            assert rendered == expected
+            rendered.tokens.append(-1)  # a caller's change never reaches the kept copy
+    # per conversation: the prompt before each reply, the conversation through it, and the whole
+    # (the last reply's "through"): each distinct one rendered once over both epochs
+    distinct = set()
+    for c in conversations:
+        for i, message in enumerate(c):
+            if message["role"] == "assistant":
+                distinct |= {(True, repr(c[:i])), (False, repr(c[: i + 1]))}
+        distinct.add((False, repr(c)))
+    assert len(calls) == len(distinct) < 3 * len(conversations)
+    prompt = conversations[0][:1]
+    assert render_prompt(tokenizer, prompt) == render_prompt(load(), prompt) and len(calls) == len(distinct)
+
+    bounded = load()
+    bounded.RENDERINGS = 3  # the oldest renderings go, and renderings stay right
+    for conversation, expected in [*zip(conversations, fresh)] * 2:
+        assert render_chat(bounded, conversation) == expected and len(bounded._rendered) <= 3
+    assert len(bounded._rendered) == 3
+
+
 @pytest.mark.integration
 def test_remote_code_is_never_run_without_consent(tmp_path, dist_env):
     """A model folder that ships its own Python (auto_map) is refused unless trust_remote_code=true,
