@@ -70,9 +70,9 @@ class ActorCritic(nn.Module):
         self.critic_trunk = critic_trunk    # full fine-tuning only: a separate trunk for the critic
         self.value_head = ScalarHead(palm.config.dim, 1) if critic else None
 
-    def actor_logits(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    def actor_logits(self, tokens: Tensor, attention_mask: Tensor, keep: slice | None = None) -> Tensor:
         with lora_scope(self.palm, ACTOR if self.lora else None):
-            return self.palm(tokens, attention_mask=attention_mask)  # (B, T, V)
+            return self.palm(tokens, attention_mask=attention_mask, keep=keep)  # (B, T, V), or the kept positions'
 
     def values(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         if self.value_head is None:
@@ -82,8 +82,9 @@ class ActorCritic(nn.Module):
             hidden = trunk.trunk(tokens, attention_mask=attention_mask)  # (B, T, D)
         return self.value_head(hidden).squeeze(-1).float()  # (B, T)
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.actor_logits(tokens, attention_mask), self.values(tokens, attention_mask)
+    def forward(self, tokens: Tensor, attention_mask: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor]:
+        """(actor logits at the positions `keep` names (all: None), critic values (B, T))."""
+        return self.actor_logits(tokens, attention_mask, keep), self.values(tokens, attention_mask)
 
 
 class Rollout(NamedTuple):
@@ -109,7 +110,7 @@ class Sampled(NamedTuple):
     attention_mask: Tensor  # (B, P+N) bool
     mask: Tensor            # (B, N) bool, response tokens incl. eos
     prompt_length: int      # P
-    logits: Tensor | None   # (B, P+N, V) actor logits at sampling time (None once rows of several batches are gathered)
+    logits: Tensor | None   # (B, N, V) the response's actor logits at sampling time (None once batches are gathered)
     logprobs: Tensor        # (B, N) actor log-probs at sampling time
     ref_logprobs: Tensor    # (B, N) frozen reference log-probs
     values: Tensor          # (B, N) critic values (zeros without a critic)
@@ -165,9 +166,14 @@ class Models(NamedTuple):
     critic_from: str                     # where the critic starts, for the start summary
 
 
-def response_slice(x: Tensor, prompt_length: int) -> Tensor:
+def response_positions(prompt_length: int) -> slice:
     """Positions whose outputs predict the response tokens: P-1 … P+N-2."""
-    return x[:, prompt_length - 1:-1]
+    return slice(prompt_length - 1, -1)
+
+
+def response_slice(x: Tensor, prompt_length: int) -> Tensor:
+    """x (B, P+N, ...) at the positions that predict the response (B, N, ...)."""
+    return x[:, response_positions(prompt_length)]
 
 
 def load_reward_fn(path: str) -> Callable[[Sequence[str], Sequence[str]], Sequence[float]]:
@@ -413,8 +419,8 @@ class OnlineRecipe(ABC):
         t0 = time.perf_counter()
 
         # sampling-time log-probs and values, the reference's log-probs, the scores
-        logits, values = self.engine(seq, attn)
-        logprobs = rl.token_logprobs(response_slice(logits, P), seq[:, P:])
+        logits, values = self.engine(seq, attn, response_positions(P))  # logits (B, N, V): the response's only
+        logprobs = rl.token_logprobs(logits, seq[:, P:])
         values = response_slice(values, P)
         ref_logprobs = self.reference_logprobs(seq, attn, P)
         response_ids = [seq[b, P:][mask[b]].tolist() for b in range(seq.shape[0])]
@@ -426,7 +432,7 @@ class OnlineRecipe(ABC):
         models.module.train()
 
         stats = {"reward": scored.penalised.mean().item(),
-                 "entropy": rl.masked_mean(rl.entropy_from_logits(response_slice(logits, P)), mask).item(),
+                 "entropy": rl.masked_mean(rl.entropy_from_logits(logits), mask).item(),
                  "response_tokens": mask.sum(1).float().mean().item(), "eos_rate": sum(ended) / len(ended),
                  "rollout_tokens_per_s": sampled_tokens / max(rollout_s, 1e-9),
                  # where an iteration's time goes (the update's share is added by step)
@@ -441,10 +447,10 @@ class OnlineRecipe(ABC):
         """Log-probs of the response under the frozen SFT policy: the base with no scope, or its copy."""
         if self.models.reference is None:
             with lora_scope(self.models.palm, None):
-                logits = self.models.palm(sequences, attention_mask=attention_mask)
+                logits = self.models.palm(sequences, attention_mask=attention_mask, keep=response_positions(P))
         else:
-            logits = self.models.reference(sequences, attention_mask=attention_mask)
-        return rl.token_logprobs(response_slice(logits, P), sequences[:, P:])
+            logits = self.models.reference(sequences, attention_mask=attention_mask, keep=response_positions(P))
+        return rl.token_logprobs(logits, sequences[:, P:])
 
     def score(self, batch_prompts: list, sequences: Tensor, attention_mask: Tensor, texts: list[str]) -> Tensor:
         """Raw scores (B,) on the CPU: the reward function's, or the reward model's at the last real token
@@ -465,9 +471,9 @@ class OnlineRecipe(ABC):
         for _ in range(ppo.epochs):
             for idx in torch.randperm(ppo.rollout_batch, generator=generator).split(ppo.minibatch):
                 idx = idx.to(self.dist.device)
-                logits, values = self.engine(data.sequences[idx], data.attention_mask[idx])
-                loss, parts = self.minibatch_loss(data, idx, response_slice(logits, data.prompt_length),
-                                                  response_slice(values, data.prompt_length))
+                logits, values = self.engine(data.sequences[idx], data.attention_mask[idx],
+                                             response_positions(data.prompt_length))
+                loss, parts = self.minibatch_loss(data, idx, logits, response_slice(values, data.prompt_length))
                 self.trainer.backward_step(loss)
                 for k, v in {"loss": loss.item(), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v / ppo.updates_per_iter

@@ -117,7 +117,7 @@ def bare_lm_step(precision: str):
     batch = torch.randint(0, BENCH.vocab_size, (BATCH, SEQ + 1))
 
     def step():
-        model(batch[:, :-1], targets=batch[:, 1:]).backward()
+        model(batch[:, :-1], targets=batch[:, 1:], ignore_index=None).backward()
         update()
     return step
 
@@ -356,7 +356,7 @@ def main() -> None:
     print("  reference ...", flush=True)
     Reference = load_reference()
     ours_auto, ref_auto = [], []
-    lm_loss = lambda m, b: m(b[:, :-1], targets=b[:, 1:])  # noqa: E731
+    lm_loss = lambda m, b: m(b[:, :-1], targets=b[:, 1:], ignore_index=None)  # noqa: E731
     ours_step = autocast_step(PaLM(BENCH).train(), lm_loss, precision)
     ref_step = None
     if Reference is not None:

@@ -70,7 +70,7 @@ def main() -> None:
     # 1. flash: the training path must run with only the flash backend allowed
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            loss = engine(tokens[:, :-1], targets=tokens[:, 1:])
+            loss = engine(tokens[:, :-1], targets=tokens[:, 1:], ignore_index=None)
             engine.backward(loss)
             engine.step()
         flash = "yes"
@@ -82,7 +82,7 @@ def main() -> None:
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss = engine(tokens[:, :-1], targets=tokens[:, 1:])
+        loss = engine(tokens[:, :-1], targets=tokens[:, 1:], ignore_index=None)
         engine.backward(loss)
         engine.step()
     torch.cuda.synchronize()

@@ -113,6 +113,32 @@ def test_chunked_cross_entropy_equals_the_full_one(dtype, tol, ignore):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_rows_that_do_not_count_are_never_projected(chunk_rows):
+    """An ignored row (an SFT prompt) costs no output projection: NaN there leaves the loss and both
+    gradients finite, and they equal the loss over the counted rows alone; ignore_index=None counts
+    every row, as the default does when none is ignored."""
+    torch.manual_seed(2)
+    hidden = torch.randn(4, 9, 16)
+    weight = torch.randn(300, 16) * 0.3
+    targets = torch.randint(0, 300, (4, 9))
+    targets[:, :6] = -100  # a prompt: 3 counted positions per row
+    poisoned = hidden.clone()
+    poisoned[:, :6] = float("nan")
+    results = []
+    for h, t in ((poisoned, targets), (hidden[:, 6:], targets[:, 6:])):
+        h, w = h.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = cross_entropy(h, w, t, chunk_rows=chunk_rows)
+        loss.backward()
+        results.append((loss.detach(), h.grad[:, -3:], w.grad))
+    for got, want in zip(*results, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    counted = torch.randint(0, 300, (4, 9))
+    assert torch.equal(cross_entropy(hidden, weight, counted, chunk_rows=chunk_rows),
+                       cross_entropy(hidden, weight, counted, ignore_index=None, chunk_rows=chunk_rows))
+
+
 def test_chunked_cross_entropy_scales_with_the_upstream_gradient_and_skips_frozen_weights():
     torch.manual_seed(1)
     hidden = torch.randn(20, 8, requires_grad=True)

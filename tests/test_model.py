@@ -99,6 +99,32 @@ def test_kv_cache_matches_full_forward(variant):
     torch.testing.assert_close(incremental[mask], full[mask], atol=1e-5, rtol=1e-5)
 
 
+def test_kept_positions_are_the_only_ones_projected():
+    """`keep` (a slice, or a bool mask) gives the logits of those positions, as the full forward does,
+    and the output projection sees only those rows; DPO's summed reply log-probs (built on it) equal
+    the full logits' token log-probs summed over the reply."""
+    from palmrl.rl import token_logprobs
+    from palmrl.stages.dpo import reply_logprobs
+
+    model = tiny_model()
+    tokens, mask, _ = ragged_batch()
+    reply = torch.zeros_like(mask)
+    reply[0, 15:], reply[1, 18:], reply[2, 12:16] = True, True, True
+    projected = []
+    real = model.logits
+    model.logits = lambda hidden: projected.append(hidden.shape[:-1]) or real(hidden)
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+        sliced = model(tokens, attention_mask=mask, keep=slice(11, -1))
+        masked = model(tokens, attention_mask=mask, keep=reply)
+        summed = reply_logprobs(model, tokens, mask, reply)
+    assert projected[1:] == [(3, 8), (int(reply.sum()),), (int(reply[:, 1:].sum()),)]
+    torch.testing.assert_close(sliced, full[:, 11:-1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked, full[reply], rtol=0, atol=1e-6)
+    expected = torch.where(reply[:, 1:], token_logprobs(full[:, :-1], tokens[:, 1:]), 0.0).sum(1)
+    torch.testing.assert_close(summed, expected, rtol=0, atol=1e-5)
+
+
 def test_kv_cache_overflow():
     model = tiny_model()
     tokens, mask, _ = ragged_batch()

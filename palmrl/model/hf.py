@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from palmrl.errors import UserError
 from palmrl.io import transformers
 from palmrl.model.loss import cross_entropy
+from palmrl.model.palm import kept_positions
 
 FAMILY = "hf"
 @dataclass
@@ -151,15 +152,17 @@ class HFCausalLM(nn.Module):
         return self.hf.get_output_embeddings()(hidden)
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: HFCache | None = None,
-                targets: Tensor | None = None, ignore_index: int = -100, last_only: bool = False) -> Tensor:
-        """Logits (B, T, V), or the last position's (B, 1, V) with `last_only`; with targets: their mean
-        cross-entropy, chunked as PaLM's (model/loss.py)."""
+                targets: Tensor | None = None, ignore_index: int | None = -100, last_only: bool = False,
+                keep: slice | Tensor | None = None) -> Tensor:
+        """Logits (B, T, V), or the last position's (B, 1, V) with `last_only`, or those of the positions
+        `keep` names (as PaLM's); with targets: their mean cross-entropy, chunked as PaLM's (model/loss.py)."""
         hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
         if targets is None:
-            return self.logits(hidden[:, -1:] if last_only else hidden)
+            return self.logits(hidden[:, -1:] if last_only else kept_positions(hidden, keep))
         head = self.hf.get_output_embeddings()
         if getattr(head, "bias", None) is not None:  # a biased head: the plain path
-            return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+            return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=-100 if ignore_index is None else ignore_index)
         return cross_entropy(hidden, head.weight, targets, ignore_index=ignore_index)
 
     # ---- export -------------------------------------------------------------------------

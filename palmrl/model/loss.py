@@ -9,6 +9,12 @@ same matmul work as the plain path, no recomputation.
 
 Up to one chunk of rows the plain path runs, so small batches (the CPU demo) are computed exactly
 as before.
+
+Rows whose target is `ignore_index` (an SFT prompt, padding) are dropped before the output
+projection: their logits would be made and thrown away, and with a vocabulary larger than the
+model's width that projection is most of a small model's work (palm_tiny's SFT, ~5 counted tokens
+in a 40-token row: the step's forward and backward went from ~70 to ~39 ms). Finding them costs a
+host sync on a GPU; `ignore_index=None` says every row counts (pretraining) and skips it.
 """
 
 from __future__ import annotations
@@ -24,13 +30,19 @@ def chunk_rows_for(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
-def cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
+def cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int | None = -100,
                   chunk_rows: int | None = None) -> Tensor:
     """Mean cross-entropy of `targets` under logits `hidden @ weightᵀ`, computed in fp32.
 
     hidden (..., D), weight (V, D), targets (...) long -> scalar; rows whose target is
-    `ignore_index` count for nothing (as in F.cross_entropy)."""
+    `ignore_index` count for nothing (as in F.cross_entropy) and are never projected; with
+    `ignore_index=None` every row counts."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if ignore_index is not None:
+        counted = (targets != ignore_index).nonzero().squeeze(1)
+        if len(counted) < len(targets):
+            hidden, targets = hidden.index_select(0, counted), targets.index_select(0, counted)
+    ignore_index = -100 if ignore_index is None else ignore_index
     chunk = chunk_rows or chunk_rows_for(weight.shape[0])
     if hidden.shape[0] <= chunk:
         return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)

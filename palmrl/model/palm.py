@@ -425,6 +425,13 @@ def _whole(param: nn.Parameter):
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
+def kept_positions(hidden: Tensor, keep: slice | Tensor | None) -> Tensor:
+    """hidden (B, T, D) at the positions `keep` names: all (None), a slice (B, T', D), a bool mask (n, D)."""
+    if keep is None:
+        return hidden
+    return hidden[:, keep] if isinstance(keep, slice) else hidden[keep]
+
+
 class PaLM(nn.Module):
     """PaLM decoder (https://arxiv.org/abs/2204.02311): embedding, parallel blocks, tied output."""
 
@@ -581,14 +588,18 @@ class PaLM(nn.Module):
         return F.linear(hidden, self.token_emb.weight)
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                targets: Tensor | None = None, ignore_index: int = -100, last_only: bool = False) -> Tensor:
+                targets: Tensor | None = None, ignore_index: int | None = -100, last_only: bool = False,
+                keep: slice | Tensor | None = None) -> Tensor:
         """tokens (B, T) long -> logits (B, T, V); `last_only`: the last position's only (B, 1, V), what
-        decoding needs (a prompt's other positions skip the output projection); with targets (B, T):
-        their mean cross-entropy (fp32), computed in chunks without the full logits (model/loss.py)."""
+        decoding needs (a prompt's other positions skip the output projection); `keep`: only the
+        positions whose logits are read, a slice of positions (B, T', V) or a (B, T) bool mask (n, V)
+        (RL scores responses, DPO sums replies: the prompt's logits are never made); with targets (B, T):
+        their mean cross-entropy (fp32), computed in chunks without the full logits, over the positions
+        whose target is not `ignore_index` (None: every position; model/loss.py)."""
         hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
         if targets is not None:
             return cross_entropy(hidden, self.token_emb.weight, targets, ignore_index=ignore_index)
-        hidden = hidden[:, -1:] if last_only else hidden
+        hidden = hidden[:, -1:] if last_only else kept_positions(hidden, keep)
         if cache is not None and cache.weights is not None and hidden.shape[1] == 1:  # a decoding step: the copy
             return cache.product(hidden, self.token_emb.weight)
         return self.logits(hidden)

@@ -133,21 +133,28 @@ def collate(tokenizer, pairs: list[PreferencePair], max_len: int) -> PairTokens:
 
 
 class Policy(nn.Module):
-    """The DeepSpeed engine's module: the policy's logits, in its LoRA scope when it has one."""
+    """The DeepSpeed engine's module: the summed reply log-probs of a batch of pair rows, in the policy's
+    LoRA scope when it has one."""
 
     def __init__(self, palm: nn.Module, lora: bool):
         super().__init__()
         self.palm, self.lora = palm, lora
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor, scope: str | None = ACTOR) -> Tensor:
+    def forward(self, tokens: Tensor, attention_mask: Tensor, reply_mask: Tensor, scope: str | None = ACTOR) -> Tensor:
         with lora_scope(self.palm, scope if self.lora else None):
-            return self.palm(tokens, attention_mask=attention_mask)
+            return reply_logprobs(self.palm, tokens, attention_mask, reply_mask)
 
 
-def reply_logprobs(logits: Tensor, batch: PairTokens) -> Tensor:
-    """Summed log-probs (2B,) of each row's reply tokens: the logits at t predict the token at t + 1."""
-    logprobs = rl.token_logprobs(logits[:, :-1], batch.tokens[:, 1:])
-    return torch.where(batch.reply_mask[:, 1:], logprobs, 0.0).sum(1)
+def reply_logprobs(model: nn.Module, tokens: Tensor, attention_mask: Tensor, reply_mask: Tensor) -> Tensor:
+    """Summed log-probs (2B,) of each row's reply tokens. The logits at t predict the token at t + 1, and
+    only those of reply tokens are made: a pair row is mostly prompt, and the output projection
+    of every position was most of a small model's step."""
+    predicts = torch.zeros_like(reply_mask)
+    predicts[:, :-1] = reply_mask[:, 1:]  # the positions whose next token is a reply token
+    logits = model(tokens, attention_mask=attention_mask, keep=predicts)  # (n, V)
+    logprobs = rl.token_logprobs(logits[None], tokens[:, 1:][reply_mask[:, 1:]][None])[0]  # (n,)
+    rows = predicts.nonzero()[:, 0]
+    return torch.zeros(len(tokens), dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
 
 
 class DPORecipe:
@@ -213,8 +220,8 @@ class DPORecipe:
         self.module.eval()
         for start in range(0, len(pairs), micro):
             batch = self.to_device(collate(self.tokenizer, pairs[start:start + micro], self.settings.max_len))
-            logits = self.engine(batch.tokens, batch.attention_mask, scope=None)  # the base: adapters off
-            out.append(reply_logprobs(logits, batch).float().view(2, -1).T.cpu())
+            logps = self.engine(batch.tokens, batch.attention_mask, batch.reply_mask, scope=None)  # adapters off
+            out.append(logps.float().view(2, -1).T.cpu())
         self.module.train()
         return torch.cat(out)
 
@@ -346,7 +353,7 @@ class DPORecipe:
                                                                                     Tensor, Tensor | None]:
         """(total loss, the preference loss's parts, scalar stats, reply log-probs (2B,), reference (B, 2))."""
         batch = self.to_device(collate(self.tokenizer, pairs, self.settings.max_len))
-        logps = reply_logprobs(self.engine(batch.tokens, batch.attention_mask), batch)
+        logps = self.engine(batch.tokens, batch.attention_mask, batch.reply_mask)
         chosen, rejected = logps.chunk(2)
         lengths = batch.lengths.chunk(2)
         ref = reference.to(self.dist.device) if reference is not None else None

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from palmrl import rl
 from palmrl.config import Invalid
-from palmrl.rlhf import OnlineRecipe, Rollout, response_slice, run_online
+from palmrl.rlhf import OnlineRecipe, Rollout, run_online
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class PPORecipe(OnlineRecipe):
             adv = rl.gae(shaped.rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
         advantages = rl.masked_whiten(adv.advantages, mask) if ppo.whiten_advantages else adv.advantages
         stats = {"reward": stats.pop("reward"), "kl": shaped.mean_kl.item(), "kl_coef": self.kl_ctl.value, **stats}
-        old_logits = response_slice(logits, P) if ppo.variant == "reference" else None
+        old_logits = logits if ppo.variant == "reference" else None  # (B, N, V): the response's
         return Rollout(seq, attn, mask, logprobs, ref_logprobs, values, shaped.rewards, advantages,
                        adv.returns, scores, P, old_logits), stats
 

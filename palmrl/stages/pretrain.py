@@ -37,8 +37,9 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
 
 
 def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (B, T+1) window, computed in fp32 (in chunks: no full logits)."""
-    return model(tokens[:, :-1], targets=tokens[:, 1:])
+    """Mean next-token cross-entropy of a (B, T+1) window, computed in fp32 (in chunks: no full logits);
+    every position counts, so none is looked for to leave out."""
+    return model(tokens[:, :-1], targets=tokens[:, 1:], ignore_index=None)
 
 
 @dataclass(frozen=True)
