@@ -73,6 +73,27 @@ def test_token_logprobs_bf16_in_fp32_math():
     assert_close(out, expected, tol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1 << 20, 200, 50])  # all rows at once; 3 rows a group; one row each (larger)
+def test_rows_in_groups_give_each_rows_own_values_to_the_last_bit(monkeypatch, group):
+    """Rows go through in groups of GROUP_ELEMENTS logits (one at a time where a row is larger): every
+    value and gradient equals the row computed alone, bit for bit."""
+    from palmrl.rl import logprobs
+
+    monkeypatch.setattr(logprobs, "GROUP_ELEMENTS", group)
+    torch.manual_seed(3)
+    logits = (torch.randn(7, 6, 11) * 3).requires_grad_()
+    tokens = torch.randint(0, 11, (7, 6))
+    lp, h = token_logprobs(logits, tokens), entropy_from_logits(logits)
+    (lp.sum() + h.sum()).backward()
+    for b in range(7):
+        row = logits[b:b + 1].detach().clone().requires_grad_()
+        lp_b, h_b = token_logprobs(row, tokens[b:b + 1]), entropy_from_logits(row)
+        (lp_b.sum() + h_b.sum()).backward()
+        assert torch.equal(lp[b], lp_b[0]) and torch.equal(h[b], h_b[0])
+        assert torch.equal(logits.grad[b], row.grad[0])
+    assert token_logprobs(logits[:0], tokens[:0]).shape == (0, 6)
+
+
 def test_token_logprobs_shape_mismatch():
     with pytest.raises(ValueError):
         token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))

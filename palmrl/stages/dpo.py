@@ -152,7 +152,7 @@ def reply_logprobs(model: nn.Module, tokens: Tensor, attention_mask: Tensor, rep
     predicts = torch.zeros_like(reply_mask)
     predicts[:, :-1] = reply_mask[:, 1:]  # the positions whose next token is a reply token
     logits = model(tokens, attention_mask=attention_mask, keep=predicts)  # (n, V)
-    logprobs = rl.token_logprobs(logits[None], tokens[:, 1:][reply_mask[:, 1:]][None])[0]  # (n,)
+    logprobs = rl.token_logprobs(logits[:, None], tokens[:, 1:][reply_mask[:, 1:]][:, None])[:, 0]  # (n,)
     rows = predicts.nonzero()[:, 0]
     return torch.zeros(len(tokens), dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)
 
