@@ -95,7 +95,15 @@ def test_activation_checkpointing_recomputes_blocks_in_backward():
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("ignore", [False, True])
-def test_chunked_cross_entropy_equals_the_full_one(dtype, tol, ignore):
+@pytest.mark.parametrize("piece_rows", [None, 3])
+def test_chunked_cross_entropy_equals_the_full_one(dtype, tol, ignore, piece_rows, monkeypatch):
+    """Chunks of 7 rows, each whole or (a CPU's cache-sized pieces) in pieces of 3: the loss and both
+    gradients equal F.cross_entropy's."""
+    import palmrl.model.loss as loss_module
+
+    if piece_rows:
+        monkeypatch.setattr(loss_module, "CPU_PIECE_ELEMENTS", piece_rows * 300)
+        assert loss_module.piece_rows_for(300, 7, torch.device("cpu")) == 3
     torch.manual_seed(0)
     hidden = torch.randn(50, 16, dtype=dtype, requires_grad=True)
     weight = (torch.randn(300, 16) * 0.3).to(dtype).requires_grad_()

@@ -334,18 +334,19 @@ class ParallelBlock(nn.Module):
 
         # one projection for queries, keys, values and the SwiGLU input and gate
         fused = project(self.fused_proj, self.norm(x), cache)
-        q, k, v, ff_in, gate = fused.split(self.split_sizes, dim=-1)
-        v = v.view(B, T, K, E)
-
         # optional qk-norm, then rotary positions: queries and keys side by side in one pass when they
-        # rotate alike (they are adjacent in the projection)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q.view(B, T, H, E)), self.k_norm(k.view(B, T, K, E))
-            q, k = rotary.queries(q), rotary.keys(k)  # (B, T, H, E), (B, T, K, E)
-        elif rotary.shared:
-            q, k = rotary.queries(fused[..., :(H + K) * E].view(B, T, H + K, E)).split((H, K), dim=2)
+        # rotate alike (they are adjacent in the projection). One split per path: its backward is one
+        # cat, where a slice beside it would add a zero-filled copy of the whole projection's gradient
+        if self.q_norm is None and rotary.shared:
+            qk, v, ff_in, gate = fused.split(((H + K) * E, *self.split_sizes[2:]), dim=-1)
+            q, k = rotary.queries(qk.view(B, T, H + K, E)).split((H, K), dim=2)
         else:
-            q, k = rotary.queries(q.view(B, T, H, E)), rotary.keys(k.view(B, T, K, E))
+            q, k, v, ff_in, gate = fused.split(self.split_sizes, dim=-1)
+            q, k = q.view(B, T, H, E), k.view(B, T, K, E)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary.queries(q), rotary.keys(k)  # (B, T, H, E), (B, T, K, E)
+        v = v.view(B, T, K, E)
 
         # keys and values: this call's, or everything cached so far including this call's
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, E)
