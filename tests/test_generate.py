@@ -175,6 +175,30 @@ def test_stop_early_false_takes_every_step():
     assert (out.sequences[:, 6:] == 0).all()
 
 
+def test_decoding_runs_in_inference_mode_and_hands_back_tensors_training_can_use():
+    """Each step's forward runs under torch.inference_mode (not for a ZeRO-3 model, whose gathered
+    weights would become inference tensors); the tokens and the generation come back as ordinary
+    tensors that a training forward and backward accept (an inference tensor cannot be saved for
+    backward, and the embedding saves its indices)."""
+    model = tiny_model()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(torch.is_inference_mode_enabled()))
+    decoder = Decoder(model.eval(), PROMPTS, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    first = decoder.step()
+    while not decoder.done:
+        decoder.step()
+    out = decoder.generation()
+    assert modes == [True] * 4
+    assert not any(t.is_inference() for t in (first, out.sequences, out.attention_mask, out.response_mask))
+    model.train()(out.sequences[:, :-1], targets=out.sequences[:, 1:]).backward()
+    assert model.token_emb.weight.grad is not None
+
+    model.token_emb.weight.ds_id = 0  # how DeepSpeed marks a ZeRO-3 parameter
+    modes.clear()
+    generate(model, PROMPTS, max_new_tokens=2)
+    assert modes == [False, False]
+
+
 def test_masks_shapes_and_semantics():
     model = tiny_model().to(torch.bfloat16)
     out = generate(model, PROMPTS, max_new_tokens=7, generator=torch.Generator().manual_seed(0))
