@@ -3,6 +3,7 @@
     python scripts/bench_ppo.py              # full run, ~2 minutes on 2 CPU cores
     python scripts/bench_ppo.py --quick      # smoke run, ~1 minute (shorter; targets not judged)
     python scripts/bench_ppo.py --threads 2  # torch threads per process (default 1: the cores are shared)
+    python scripts/bench_ppo.py --before ../palmrl-before   # also the PPO iteration of an earlier checkout
 
 At a fixed small config (model=palm_small, ~27M params, with a sentencepiece tokenizer of 8192
 ids trained on the embedded corpus; the SFT policy and a LoRA reward model on the same base are
@@ -39,7 +40,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --before: a child process runs an earlier checkout's palmrl (its package and configs) under this script
+CODE = Path(os.environ.get("PALMRL_BENCH_CODE", ROOT))
+sys.path.insert(0, str(CODE))
 THREADS = 1  # torch threads per process: 2 cores shared with other jobs; 2 threads made decoding 4x slower here
 MODEL = "palm_small"  # 27M params: fp32 weights + grads + Adam moments (~0.4 GB) outweigh the import baseline
 RESULT = "BENCH_RESULT "  # prefix of the one JSON line a child prints for the parent
@@ -71,7 +74,7 @@ def compose(stage: str, overrides: list[str]):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CODE / "configs")):
         return hydra_compose(config_name=stage, overrides=overrides)
 
 
@@ -235,7 +238,8 @@ def child_stage(stage: str, overrides: list[str]) -> dict:
     metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines() if line]
     out = {"generation": generation, "shared_base": shared_base, "flops": flops,
            "train": [m for m in metrics if m.get("split") == "train"]}
-    if stage == "ppo":  # this process's matmul ceiling, same threads: what the iteration's arithmetic needs at best
+    if stage == "ppo" and CODE == ROOT:  # this process's matmul ceiling, same threads: what the iteration's
+        # arithmetic needs at best (not for a --before run: bench_train imports this checkout's palmrl)
         import torch
         from bench_train import matmul_ceiling
 
@@ -265,9 +269,14 @@ def child_main(kind: str, args: list[str]) -> None:
 
 # ---- parent side ----------------------------------------------------------------------------
 
-def run_child(kind: str, *args: str, cwd: Path, threads: int) -> dict:
+def run_child(kind: str, *args: str, cwd: Path, threads: int, code: Path | None = None) -> dict:
+    """This script's `--child kind args` in its own process; `code`: an earlier checkout whose palmrl
+    (package and configs) the child runs instead of this one's."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled",
            "PALMRL_CACHE_DIR": str(cwd / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    if code is not None:
+        env.update(PALMRL_BENCH_CODE=str(code), PALMRL_CONFIG_DIR=str(code / "configs"),
+                   PYTHONPATH=os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     start = time.perf_counter()
@@ -278,7 +287,8 @@ def run_child(kind: str, *args: str, cwd: Path, threads: int) -> dict:
         sys.exit(f"bench_ppo: child '{kind}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1].removeprefix(RESULT))
     out["process_s"], out["load"] = time.perf_counter() - start, os.getloadavg()[0]
-    print(f"  {kind:<9} {out['process_s']:6.1f} s  peak RSS {out['maxrss_mb']:,.0f} MB  "
+    label = f"{kind} (--before)" if code else kind
+    print(f"  {label:<9} {out['process_s']:6.1f} s  peak RSS {out['maxrss_mb']:,.0f} MB  "
           f"load average {out['load']:.2f}", flush=True)
     return out
 
@@ -289,27 +299,47 @@ def iteration_seconds(stage: dict) -> list[float]:
     return [tokens / m["tokens_per_s"] for m in stage["train"]]
 
 
-# the PPO iteration of this config when the issue asking for a 2x faster one was filed (LoRA r8, 1 thread)
+# the PPO iteration of this config when the issue asking for a 2x faster one was filed (LoRA r8, 1 thread),
+# on the AVX2 development machine at load 6-7: a figure for that machine only; elsewhere pass --before
+# (a checkout of that code, e.g. `git worktree add ../palmrl-before cb5576f`) for a like-for-like ratio
 ITERATION_BEFORE_S = 8.8
 
 
-def ppo_rows(name: str, run: dict, judge=None) -> list[tuple[str, str, float, str]]:
+def steady_iteration(run: dict) -> float:
+    """The median iteration after the first (the warm-up)."""
+    iters = iteration_seconds(run)
+    return statistics.median(iters[1:] or iters)
+
+
+def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None) -> list[tuple[str, str, float, str]]:
     """Iteration time, its phases (the stage's own time_* metrics), and its matrix products against
     this process's matmul ceiling; iteration 1 (warm-up) is shown apart from the medians. `judge`:
-    verdict function for the 2x target (the LoRA run)."""
+    verdict function for the 2x target (the LoRA run), against `before` (the same run with the
+    --before checkout's code, measured just before and after this one) when given, else against
+    ITERATION_BEFORE_S."""
     iters = iteration_seconds(run)
     steady = run["train"][1:] or run["train"]
-    iteration = statistics.median(iters[1:] or iters)
+    iteration = steady_iteration(run)
     gen = run["generation"][1:] or run["generation"]
     tokens_per_s = sum(n for _, n in gen) / sum(s for s, _ in gen)
     phases = ", ".join(f"{k[5:-2]} {statistics.median(m[k] for m in steady):.2f} s"
                        for k in ("time_generate_s", "time_score_s", "time_update_s"))
-    target = ""
+    # the issue's 8.8 s and the --before runs are LoRA r8: only that row (the judged one) is compared
+    versus, target = "", ""
     if judge is not None:
-        target = f"≥ 2x faster than {ITERATION_BEFORE_S} s: {judge(iteration <= ITERATION_BEFORE_S / 2)}"
+        if before:
+            runs = [steady_iteration(b) for b in before]
+            then = statistics.mean(runs)
+            versus = (f"{then / iteration:.2f}x faster than the --before code ({then:.2f} s: "
+                      f"{' / '.join(f'{r:.2f}' for r in runs)} s in its runs just before / after this one)")
+        else:
+            then = ITERATION_BEFORE_S
+            versus = (f"{then / iteration:.2f}x the {then} s of the issue (measured on the AVX2 development machine "
+                      f"at load 6-7: like-for-like only there; elsewhere run with --before)")
+        target = f"≥ 2x faster: {judge(iteration <= then / 2)}"
     rows = [(f"PPO iteration (rollout + scoring + updates), {name}",
-             f"{iteration:.2f} s (median of iterations 2..{len(iters)}; iteration 1: {iters[0]:.2f} s): {phases}; "
-             f"{ITERATION_BEFORE_S / iteration:.2f}x the {ITERATION_BEFORE_S} s of the issue", run["load"], target),
+             f"{iteration:.2f} s (median of iterations 2..{len(iters)}; iteration 1: {iters[0]:.2f} s): {phases}"
+             + (f"; {versus}" if versus else ""), run["load"], target),
             (f"… rollout generation speed, {name}", f"{tokens_per_s:,.0f} tokens/s", run["load"], "")]
     if run.get("flops"):
         gflop, ceiling = run["flops"][0] / 1e9, run["ceiling_gflops"]
@@ -325,6 +355,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short smoke run (~1 minute)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads per process (default {THREADS})")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a checkout of earlier palmrl code (e.g. a git worktree at cb5576f, where the 2x target "
+                             "was set): its PPO LoRA iteration is measured right before and after this code's, for "
+                             "a like-for-like ratio on this machine")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -350,7 +384,21 @@ def main() -> None:
     base = run("baseline")
     single = run("sft", *sft_overrides(sft, sft_steps), "run_name=sft_full")
     plain = run("plain", str(sft_steps), str(gen["prompt_block"] + PPO["max_new_tokens"]))
-    shared = run("ppo", *ppo_overrides(sft, reward, ppo_steps, "r8"), "run_name=ppo_lora")
+    lora_args = ppo_overrides(sft, reward, ppo_steps, "r8")
+    before = args.before.resolve() if args.before else None
+    if before is not None and not (before / "palmrl" / "rlhf.py").exists():
+        sys.exit(f"bench_ppo: --before {args.before}: no palmrl/rlhf.py there (a palmrl checkout from 2026-12-05 on)")
+    if before is not None:  # the same checkpoints (same seeds) written by that code, in its own format
+        (work / "before").mkdir(exist_ok=True)
+        then = run_child("build", str(work / "before"), cwd=work, threads=args.threads, code=before)
+        before_args = ppo_overrides(Path(then["sft"]), Path(then["reward"]), ppo_steps, "r8")
+
+    def run_before(n: int) -> list[dict]:  # the --before code's LoRA run, bracketing this code's
+        return [] if before is None else [run_child("ppo", *before_args, f"run_name=ppo_before_{n}", cwd=work,
+                                                    threads=args.threads, code=before)]
+    earlier = run_before(1)
+    shared = run("ppo", *lora_args, "run_name=ppo_lora")
+    earlier += run_before(2)
     separate = run("ppo", *ppo_overrides(sft, reward, ppo_steps, "none"), "run_name=ppo_full")
     if not shared["shared_base"] or separate["shared_base"]:
         sys.exit("bench_ppo: the LoRA run did not share one base with the reward model; the memory rows would lie")
@@ -371,7 +419,7 @@ def main() -> None:
          f"{gen['seconds_uncached']:.2f} s)", gen["load"], ""),
         ("**KV cache speed-up**", f"**{speedup:.1f}x** (identical tokens: {'yes' if gen['same_tokens'] else 'no'})",
          gen["load"], f"≥ 10x: {verdict(speedup >= 10)}"),
-        *ppo_rows("LoRA r8", shared, verdict),
+        *ppo_rows("LoRA r8", shared, verdict, earlier),
         *ppo_rows("lora=none", separate),
         ("peak RSS, baseline process (import torch, deepspeed, palmrl)", f"{base['maxrss_mb']:,.0f} MB",
          base["load"], ""),
