@@ -364,6 +364,10 @@ def main() -> None:
     if args.child:
         child_main(args.child[0], args.child[1:])
         return
+    before = args.before.resolve() if args.before else None
+    if before is not None and not (before / "palmrl" / "rlhf.py").is_file():
+        parser.error(f"--before {args.before}: no palmrl/rlhf.py there (a palmrl checkout from 2026-12-05 on, "
+                     f"e.g. `git worktree add ../palmrl-before cb5576f`)")
 
     ppo_steps = 2 if args.quick else 3  # iteration 1 warms up; the rest are the steady state
     sft_steps = 2 if args.quick else 4
@@ -385,9 +389,6 @@ def main() -> None:
     single = run("sft", *sft_overrides(sft, sft_steps), "run_name=sft_full")
     plain = run("plain", str(sft_steps), str(gen["prompt_block"] + PPO["max_new_tokens"]))
     lora_args = ppo_overrides(sft, reward, ppo_steps, "r8")
-    before = args.before.resolve() if args.before else None
-    if before is not None and not (before / "palmrl" / "rlhf.py").exists():
-        sys.exit(f"bench_ppo: --before {args.before}: no palmrl/rlhf.py there (a palmrl checkout from 2026-12-05 on)")
     if before is not None:  # the same checkpoints (same seeds) written by that code, in its own format
         (work / "before").mkdir(exist_ok=True)
         then = run_child("build", str(work / "before"), cwd=work, threads=args.threads, code=before)
