@@ -3,7 +3,7 @@
     python scripts/bench_ppo.py              # full run, ~2 minutes on 2 CPU cores
     python scripts/bench_ppo.py --quick      # smoke run, ~1 minute (shorter; targets not judged)
     python scripts/bench_ppo.py --threads 2  # torch threads per process (default 1: the cores are shared)
-    python scripts/bench_ppo.py --before ../palmrl-before   # also the PPO iteration of an earlier checkout
+    python scripts/bench_ppo.py --before ../palmrl-before   # also an earlier checkout's PPO iteration (+~1.5 min)
 
 At a fixed small config (model=palm_small, ~27M params, with a sentencepiece tokenizer of 8192
 ids trained on the embedded corpus; the SFT policy and a LoRA reward model on the same base are
@@ -305,6 +305,10 @@ def iteration_seconds(stage: dict) -> list[float]:
 ITERATION_BEFORE_S = 8.8
 
 
+def steady_label(iters: list[float]) -> str:
+    return f"median of iterations 2..{len(iters)}" if len(iters) > 2 else f"iteration {len(iters)}"
+
+
 def steady_iteration(run: dict) -> float:
     """The median iteration after the first (the warm-up)."""
     iters = iteration_seconds(run)
@@ -338,7 +342,7 @@ def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None)
                       f"at load 6-7: like-for-like only there; elsewhere run with --before)")
         target = f"≥ 2x faster: {judge(iteration <= then / 2)}"
     rows = [(f"PPO iteration (rollout + scoring + updates), {name}",
-             f"{iteration:.2f} s (median of iterations 2..{len(iters)}; iteration 1: {iters[0]:.2f} s): {phases}"
+             f"{iteration:.2f} s ({steady_label(iters)}; iteration 1: {iters[0]:.2f} s): {phases}"
              + (f"; {versus}" if versus else ""), run["load"], target),
             (f"… rollout generation speed, {name}", f"{tokens_per_s:,.0f} tokens/s", run["load"], "")]
     if run.get("flops"):
@@ -366,8 +370,8 @@ def main() -> None:
         return
     before = args.before.resolve() if args.before else None
     if before is not None and not (before / "palmrl" / "rlhf.py").is_file():
-        parser.error(f"--before {args.before}: no palmrl/rlhf.py there (a palmrl checkout from 2026-12-05 on, "
-                     f"e.g. `git worktree add ../palmrl-before cb5576f`)")
+        parser.error(f"--before {args.before}: not a palmrl checkout with palmrl/rlhf.py (its PPO recipe); make one "
+                     f"from the repository's root with `git worktree add ../palmrl-before cb5576f`")
 
     ppo_steps = 2 if args.quick else 3  # iteration 1 warms up; the rest are the steady state
     sft_steps = 2 if args.quick else 4
