@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from palmrl.errors import UserError
+from palmrl.model.palm import zero3_partitioned
 
 
 class Generation(NamedTuple):
@@ -156,7 +157,7 @@ class Decoder:
         self.sampling = (temperature, top_k, top_p)
         self.pad_id, self.generator = pad_id, generator
         self.device = model_device(model)
-        self.inference = not any(hasattr(p, "ds_id") for p in model.parameters())  # see the class docstring
+        self.inference = not zero3_partitioned(model)  # see the class docstring
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"the generator is on {generator.device} but the model on {self.device}: "
                              f"make it with seeded_generator(seed, device)")

@@ -416,6 +416,11 @@ def attend_bmm(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_tokens: int) -
 # the model
 
 
+def zero3_partitioned(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds `module`'s parameters in shards (each then carries a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def _whole(param: nn.Parameter):
     """The full tensor of a ZeRO-3-partitioned parameter while inside (rank 0's changes kept), else
     nothing to do."""
@@ -496,7 +501,7 @@ class PaLM(nn.Module):
         # weight copies only on the CPU, for weights held whole here (not ZeRO-3 partitions)
         fp32_bytes = sum(p.numel() * 4 for p in self.parameters())
         copies = (torch.device(device).type == "cpu" and fp32_bytes <= DECODE_COPY_MAX_BYTES
-                  and not any(hasattr(p, "ds_id") for p in self.parameters()))
+                  and not zero3_partitioned(self))
         return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
