@@ -340,6 +340,7 @@ class OnlineRecipe(ABC):
             hooks=Hooks(export=export_actor(models.use_lora), state=lambda: {"kl_ctl": self.kl_ctl.state_dict()},
                         load_state=self.load_stage_state, before_final_save=self.check_frozen),
             manifest_extra={"lora": models.actor_lora, self.stage: self.ppo_facts})
+        self.match_engine_precision()
         self.frozen = [models.palm, models.reference, models.reward_model]  # whatever exists and must never move
         self.ppo_facts["frozen_sha256"]["before"] = frozen_digest(self.frozen)
         self.engine = self.trainer.engine
@@ -348,6 +349,18 @@ class OnlineRecipe(ABC):
         # for the whole rollout: only then may a rank stop decoding when its own rows are done
         self.independent_decoding = not (self.zero3 and self.dist.world_size > 1 and not self.ppo.gather_for_rollout)
         return self.trainer
+
+    def match_engine_precision(self) -> None:
+        """The frozen models outside the engine in the dtype the engine gave the actor (bf16 under
+        `precision=bf16`, and `auto` on a GPU): the reward head reads the shared trunk's bf16 output,
+        and the reference's log-probs are taken at the actor's precision, so that before any update
+        the actor's and the reference's log-probs are equal and the KL is exactly 0."""
+        models = self.models
+        dtype = next(models.module.parameters()).dtype
+        if models.reference is not None:
+            models.reference.to(dtype)
+        if models.reward_model is not None:  # a shared base is the engine's already: only its head
+            (models.reward_model.reward_head if models.shared_reward else models.reward_model).to(dtype)
 
     def policy_for_generation(self):
         """ZeRO-3 with ppo.gather_for_rollout: the policy's weights gathered once and the per-forward

@@ -6,7 +6,8 @@
 #
 # 1. install (skipped with PYTHON=): torch $TORCH_VERSION from $TORCH_INDEX, then palmrl at the tested pins
 # 2. on CUDA, bf16: tokenizer → pretrain → sft → reward → ppo (LoRA) through `palmrl pipeline`, then ppo
-#    with lora=none, `palmrl sample` best-of-n with the reward model, and one request to `palmrl serve`
+#    with lora=none, a LoRA reward model and ppo on its shared base, `palmrl sample` best-of-n with the
+#    reward model, and one request to `palmrl serve`
 # 3. scripts/gpu_step.py: the flash kernel in training (asserted), MFU and peak memory of a palm_1b
 #    step at seq 2048 beside `palmrl plan`'s estimate
 # Output: the table of step 3 and each stage's line; exit non-zero at the first failure.
@@ -50,6 +51,12 @@ EOF
 step "ppo with lora=none (reference and reward model outside the engine, on the GPU)"
 (cd "$WORK" && "${PALMRL[@]}" ppo policy="$RUN/sft" reward="$RUN/reward" lora=none precision=bf16 \
   train.max_steps=3 train.eval_every=0 train.eval_examples=16 out_dir="$RUN/ppo_full")
+
+step "reward with LoRA on the SFT policy (palmrl reward's default), then ppo sharing that base (its head on the bf16 trunk)"
+(cd "$WORK" && "${PALMRL[@]}" reward init_from="$RUN/sft" lora=r8 precision=bf16 train.max_steps=20 \
+  train.eval_every=0 out_dir="$RUN/reward_lora")
+(cd "$WORK" && "${PALMRL[@]}" ppo policy="$RUN/sft" reward="$RUN/reward_lora" precision=bf16 \
+  train.max_steps=3 train.eval_every=0 train.eval_examples=16 out_dir="$RUN/ppo_shared")
 
 step "sample best-of-n with the reward model (device=auto → cuda, bf16)"
 (cd "$WORK" && "${PALMRL[@]}" sample ckpt="$RUN/ppo" reward="$RUN/reward" best_of_n=true num_samples=4 \

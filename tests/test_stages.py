@@ -215,6 +215,29 @@ def test_ppo_reference_variant_trains_through_its_own_loss(tiny_chain, tmp_path,
     assert any(v.abs().sum() > 0 for k, v in ppo.adapters().items() if "lora_B" in k), "actor did not move"
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("lora", ["r8", "none"])
+def test_ppo_in_bf16_runs_its_frozen_models_at_the_actors_precision(tiny_chain, tmp_path, dist_env, lora):
+    """precision=bf16 (what `auto` picks on a GPU): DeepSpeed casts the actor to bf16 and the frozen models
+    outside its engine follow: the reward head on the shared base (lora=r8; in fp32 it refused the bf16
+    trunk's output), the separate reference and reward model (lora=none; an fp32 reference gave the
+    first rollout a KL although actor and reference were the same policy)."""
+    from palmrl import checkpoint
+    from palmrl.rlhf import same_base
+
+    reward = tiny_chain / "reward"  # its own base (the pipeline trains it with lora=none)
+    if lora == "r8":  # a LoRA reward model on the SFT policy (`palmrl reward`'s default): PPO shares that base
+        reward = run_stage("reward", [f"init_from={tiny_chain / 'sft'}", *REWARD_SMALL, "train.max_steps=2",
+                                      "lora=r8", f"out_dir={tmp_path / 'reward'}"])
+    assert same_base(checkpoint.load(reward), checkpoint.load(tiny_chain / "sft")) == (lora == "r8")
+    out = run_stage("ppo", [f"policy={tiny_chain / 'sft'}", f"reward={reward}", *PPO_SMALL,
+                            "train.max_steps=2", "precision=bf16", f"lora={lora}", f"out_dir={tmp_path / lora}"])
+    rows = [m for m in metrics(out.parent) if m["split"] == "train"]
+    assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in ("loss", "kl", "reward", "value_loss"))
+    assert rows[0]["kl"] == 0.0  # before any update the actor is the reference, to the last bit
+    assert checkpoint.load(out).manifest["config"]["precision"] == "bf16"
+
+
 @pytest.mark.unit
 def test_ppo_config_takes_the_yaml_section_and_names_bad_keys():
     from palmrl.config import typed
