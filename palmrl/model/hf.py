@@ -158,7 +158,7 @@ class HFCausalLM(nn.Module):
         `keep` names (as PaLM's); with targets: their mean cross-entropy, chunked as PaLM's (model/loss.py)."""
         hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
         if targets is None:
-            return self.logits(hidden[:, -1:] if last_only else kept_positions(hidden, keep))
+            return self.logits(kept_positions(hidden, keep, last_only))
         head = self.hf.get_output_embeddings()
         if getattr(head, "bias", None) is not None:  # a biased head: the plain path
             return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(),
