@@ -186,3 +186,47 @@ def test_bf16_base_with_adapters():
     merge_lora(model, "actor")
     assert model.layers[0].fused_proj.weight.dtype == torch.bfloat16
 
+
+
+@pytest.mark.parametrize("alpha, exact", [(16.0, True), (12.0, False)])
+def test_the_update_is_added_into_the_base_output_without_an_output_sized_temporary(alpha, exact):
+    """The adapter's update is accumulated into the base product by one addmm, its scale applied to the
+    r-wide x A^T: no (n, out) update is written, scaled and added. With a power-of-two scale (the
+    presets: alpha = 2 * rank) output and gradients equal the textbook x W^T + (x A^T B^T) * scale to the
+    last bit; any other scale to float rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=False)
+    layer = LoRALinear(base)
+    layer.add_scope("actor", LoRAConfig(rank=8, alpha=alpha))
+    with torch.no_grad():
+        layer.lora_B["actor"].normal_()
+    layer.active_scope = "actor"
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    made = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.append((func.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return out
+
+    with Shapes():
+        out = layer(x)
+    output_sized = [name for name, shape in made if shape is not None and shape[-1] == 40 and name not in
+                    ("mm.default", "addmm_.default", "view.default", "_unsafe_view.default", "t.default")]
+    assert not output_sized, output_sized
+    assert sum(name == "addmm_.default" for name, _ in made) == 1
+
+    A, B, scale = layer.lora_A["actor"], layer.lora_B["actor"], alpha / 8
+    textbook = F.linear(x, base.weight) + F.linear(F.linear(x, A), B) * scale
+    grads = torch.autograd.grad(out.square().sum(), (x, A, B))
+    textbook_grads = torch.autograd.grad(textbook.square().sum(), (x, A, B))
+    if exact:
+        assert torch.equal(out, textbook)
+        assert all(torch.equal(g, t) for g, t in zip(grads, textbook_grads))
+    else:
+        torch.testing.assert_close(out, textbook)
+        for g, t in zip(grads, textbook_grads):  # sums of squares of ~10: absolute rounding of ~1e-5
+            torch.testing.assert_close(g, t, rtol=1e-5, atol=1e-4)
