@@ -94,6 +94,18 @@ def test_fp16_decoding_samples_what_fp32_does_when_the_choice_is_clear():
     assert c.sequences.shape == (3, 5 + 4)
 
 
+def test_bf16_weights_decode_through_the_layers_and_fp32_ones_through_copies():
+    """On the CPU fp32 weights are multiplied through contiguous (in, out) copies; bf16 weights through
+    the layers (a copy was slower for oneDNN's bf16 product and cost ~5 ms a matrix to make), unless
+    fp16 copies are asked for."""
+    model = tiny_model()
+    assert model.new_cache(3, 8).weights == "fp32"
+    assert model.to(torch.bfloat16).new_cache(3, 8).weights is None
+    assert model.new_cache(3, 8, weights="fp16").weights == "fp16"
+    out = generate(model, PROMPTS, max_new_tokens=3, temperature=0)
+    assert out.sequences.shape == (3, 5 + 3)
+
+
 def test_left_pad():
     tokens, mask = left_pad(PROMPTS, pad_id=0)
     assert tokens.tolist()[1] == [0, 0, 0, 11, 12]

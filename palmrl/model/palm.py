@@ -258,9 +258,12 @@ class KVCache:
 
 # How a one-token decoding step multiplies by the weights. Each row is multiplied by every weight matrix
 # once per token, so on the CPU the matrix products are the step's cost:
-#   fp32 (the CPU default): contiguous (in, out) copies. Streaming them row by row measured 1.6x faster
-#     than F.linear's (out, in) product at one row (the whole bench model's 19 matrices: 3.2 vs 5.2 ms,
-#     one thread) and no slower at 8-128 rows. Same logits as F.linear to float rounding.
+#   fp32 (the CPU default): contiguous (in, out) copies of fp32 weights. Streaming them row by row measured
+#     1.6x faster than F.linear's (out, in) product at one row (the whole bench model's 19 matrices: 3.2 vs
+#     5.2 ms, one thread) and no slower at 8-128 rows. Same logits as F.linear to float rounding. bf16
+#     weights get no copies: oneDNN's bf16 product was no faster through them (palm_small's fused
+#     projection at 16 rows, AMX Xeon: 0.59 against 0.48 ms), and making one took ~5 ms, once per loop;
+#     the bench model's bf16 decode step went 4.3 -> 3.4-3.7 ms at batch 1, 5.6 -> 5.0 at 16.
 #   fp16: fp16 copies packed for FBGEMM's small-batch kernel (torch.ops.quantized, x86 only): half the
 #     bytes to read, and MKL's fp32 product is slow at a few rows on this AVX2 machine (the 19 matrices,
 #     one thread, FBGEMM fp16 against the fp32 copies: 2.9 vs 3.7 ms at one row, 3.7 vs 10.5 at 8,
@@ -538,7 +541,8 @@ class PaLM(nn.Module):
         # weight copies only on the CPU, for weights held whole here (not ZeRO-3 partitions)
         fp32_bytes = sum(p.numel() * 4 for p in self.parameters())
         copies = (torch.device(device).type == "cpu" and fp32_bytes <= DECODE_COPY_MAX_BYTES
-                  and not zero3_partitioned(self))
+                  and not zero3_partitioned(self) and (weights == "fp16" or weight.dtype == torch.float32))
+        # (bf16 weights with decode_weights=fp32: the layers themselves, see DECODE_WEIGHTS)
         return KVCache(keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.depth)],
                        key_mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
