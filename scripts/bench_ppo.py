@@ -15,7 +15,9 @@ built with random weights, not trained; prompts are the embedded tasks):
      metrics.jsonl, split into the stage's own phases (time_generate_s, time_score_s,
      time_update_s), against 8.8 s when the 2x target was set (target: 4.4 s), and the floating-point
      work of its matrix products (FlopCounterMode over iteration 1) against the process's measured
-     matmul ceiling: the least time that arithmetic takes on these cores;
+     matmul ceiling: the least time that arithmetic takes on these cores; on a CPU with bf16
+     instructions (AVX512-BF16/AMX) also the LoRA run with precision=bf16, shown beside the fp32 one
+     and not judged (the target is fp32 against fp32);
   3. peak RSS (`ru_maxrss`) of the PPO process with shared-base LoRA against one model's full
      training (`palmrl sft lora=none`, same model, PPO's minibatch; also the same training in
      plain PyTorch without DeepSpeed, the leanest reference), and of PPO with lora=none (separate
@@ -243,7 +245,8 @@ def child_stage(stage: str, overrides: list[str]) -> dict:
         import torch
         from bench_train import matmul_ceiling
 
-        out["ceiling_gflops"] = matmul_ceiling(torch.float32, [1024, 2048], 5)[0]  # bench_stages' sizes
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        out["ceiling_gflops"] = matmul_ceiling(dtype, [1024, 2048], 5)[0]  # bench_stages' sizes
     return out
 
 
@@ -330,6 +333,9 @@ def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None)
                        for k in ("time_generate_s", "time_score_s", "time_update_s"))
     # the issue's 8.8 s and the --before runs are LoRA r8: only that row (the judged one) is compared
     versus, target = "", ""
+    if judge is None and before:  # (the bf16 row: shown against the --before code's fp32 run, not judged)
+        then = statistics.mean(steady_iteration(b) for b in before)
+        versus = f"{then / iteration:.2f}x faster than the --before code's fp32 iteration ({then:.2f} s)"
     if judge is not None:
         if before:
             runs = [steady_iteration(b) for b in before]
@@ -405,6 +411,10 @@ def main() -> None:
     shared = run("ppo", *lora_args, "run_name=ppo_lora")
     earlier += run_before(2)
     separate = run("ppo", *ppo_overrides(sft, reward, ppo_steps, "none"), "run_name=ppo_full")
+    # on a CPU that multiplies bf16 in hardware (AVX512-BF16/AMX) also precision=bf16, what a user there would pick
+    from palmrl.runtime import cpu_has_fast_bf16
+
+    half = run("ppo", *lora_args, "precision=bf16", "run_name=ppo_lora_bf16") if cpu_has_fast_bf16() else None
     if not shared["shared_base"] or separate["shared_base"]:
         sys.exit("bench_ppo: the LoRA run did not share one base with the reward model; the memory rows would lie")
 
@@ -426,6 +436,8 @@ def main() -> None:
          gen["load"], f"≥ 10x: {verdict(speedup >= 10)}"),
         *ppo_rows("LoRA r8", shared, verdict, earlier),
         *ppo_rows("lora=none", separate),
+        *(ppo_rows("LoRA r8, precision=bf16", half, before=earlier) if half else
+          [("PPO iteration, LoRA r8, precision=bf16", "not run: this CPU has no bf16 instructions", base["load"], "")]),
         ("peak RSS, baseline process (import torch, deepspeed, palmrl)", f"{base['maxrss_mb']:,.0f} MB",
          base["load"], ""),
         (f"peak RSS, one model's training (`sft lora=none`, {sft_steps} steps)", f"{single['maxrss_mb']:,.0f} MB",
