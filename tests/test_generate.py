@@ -62,6 +62,32 @@ def test_cpu_decoding_steps_use_weight_copies_with_the_same_logits():
         model.new_cache(1, 4, weights="int8")
 
 
+def test_batched_fp32_steps_multiply_by_mkl_packed_weights(monkeypatch):
+    """Several rows: fp32 copies are MKL's packed matrices for that many rows (its plain product packs
+    again at every call), with the (in, out) copy's logits to float rounding; one row keeps the
+    (in, out) copy."""
+    from palmrl.model import palm
+
+    if not palm._mkl_packing_works():
+        pytest.skip("this PyTorch build has no MKL packed fp32 product")
+    model = lora_model()
+    with torch.no_grad():
+        cache = model.new_cache(3, 12)
+        packed = one_step_logits(model, cache)
+        assert {stamp[2] for stamp in cache._copies.values()} == {3}  # all 7 matrices packed for 3 rows
+
+        one_row = model.new_cache(1, 12)
+        model(torch.tensor([[5, 6]]), cache=one_row, last_only=True)
+        model(torch.tensor([[7]]), cache=one_row, last_only=True)
+        assert {stamp[2] for stamp in one_row._copies.values()} == {0}  # (in, out) copies
+
+        monkeypatch.setattr(palm, "_mkl_packing_works", lambda: False)  # a build without MKL
+        plain_cache = model.new_cache(3, 12)
+        plain = one_step_logits(model, plain_cache)
+        assert {stamp[2] for stamp in plain_cache._copies.values()} == {0}
+        torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_a_serving_model_keeps_its_decode_copies_until_a_weight_changes():
     """keep_decode_copies (sample, serve, palmrl.LLM): the second loop makes no copies; a weight written
     in place is copied again, so the logits follow it."""
@@ -69,10 +95,10 @@ def test_a_serving_model_keeps_its_decode_copies_until_a_weight_changes():
     with torch.no_grad():
         for weights in ("fp32", "fp16"):
             one_step_logits(model, model.new_cache(3, 12, weights=weights))
-        made = dict(model.decode_copies)
+        made = dict(model.decode_copies)  # fp32 at 3 rows: MKL-packed (one per weight, as the fp16 ones)
         assert len(made) == 2 * (2 * 3 + 1)
         one_step_logits(model, model.new_cache(3, 12))
-        assert all(model.decode_copies[k][2] is made[k][2] for k in made)  # the same objects: nothing remade
+        assert all(model.decode_copies[k][-1] is made[k][-1] for k in made)  # the same objects: nothing remade
 
         model.layers[0].attn_out.weight.mul_(2.0)
         kept = one_step_logits(model, model.new_cache(3, 12))
@@ -80,7 +106,7 @@ def test_a_serving_model_keeps_its_decode_copies_until_a_weight_changes():
         fresh.weights = None  # F.linear on the current weights
         torch.testing.assert_close(kept, one_step_logits(model, fresh), atol=1e-5, rtol=1e-5)
         key = ("fp32", id(model.layers[0].attn_out.weight))
-        assert model.decode_copies[key][2] is not made[key][2]
+        assert model.decode_copies[key][-1] is not made[key][-1]
 
 
 def test_fp16_decoding_samples_what_fp32_does_when_the_choice_is_clear():

@@ -229,9 +229,10 @@ class KVCache:
         self.offset = 0  # slots written so far (same for every row)
         self.rotary: RotaryTables | None = None  # the model's tables for positions 0..max_len-1, made once
         self.weights = weights
-        # (weights, id(weight)) -> (data_ptr, version, copy): a Tensor, or FBGEMM's packed fp16 matrix; this
-        # loop's own, or the model's kept ones (PaLM.keep_decode_copies)
-        self._copies: dict[tuple[str, int], tuple[int, int, object]] = {} if copies is None else copies
+        # (weights, id(weight)) -> (data_ptr, version, rows, copy): a Tensor, MKL's packed fp32 matrix for
+        # `rows` rows (0: any) or FBGEMM's packed fp16 one; this loop's own, or the model's kept ones
+        # (PaLM.keep_decode_copies), one per weight
+        self._copies: dict[tuple[str, int], tuple[int, int, int, object]] = {} if copies is None else copies
 
     @property
     def max_len(self) -> int:
@@ -241,18 +242,28 @@ class KVCache:
         """x (..., in) @ weight (out, in).T through a copy of `weight`, made on first use and kept for
         this cache's decode loop (the weights do not change while one loop runs; the next loop makes
         new copies), or for as long as the model keeps them (inference engines); a copy whose weight
-        was written in place or replaced since is made again."""
-        key, stamp = (self.weights, id(weight)), (weight.data_ptr(), weight._version)
+        was written in place or replaced since, or that was packed for another number of rows, is
+        made again."""
+        rows = x.numel() // x.shape[-1]
+        packed = self.weights == "fp32" and rows > 1 and _mkl_packing_works()  # see DECODE_WEIGHTS
+        key, stamp = (self.weights, id(weight)), (weight.data_ptr(), weight._version, rows if packed else 0)
         kept = self._copies.get(key)
-        if kept is not None and kept[:2] == stamp:
-            copy = kept[2]
+        if kept is not None and kept[:3] == stamp:
+            copy = kept[3]
         else:
             w = weight.detach()
-            copy = (torch.ops.quantized.linear_prepack_fp16(w.float(), None) if self.weights == "fp16"
-                    else w.t().contiguous())
+            if self.weights == "fp16":
+                copy = torch.ops.quantized.linear_prepack_fp16(w.float(), None)
+            elif packed:
+                copy = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+            else:
+                copy = w.t().contiguous()
             self._copies[key] = (*stamp, copy)
         if self.weights == "fp16":  # FBGEMM takes fp32 activations
             return torch.ops.quantized.linear_dynamic_fp16(x.float(), copy).to(x.dtype)
+        if packed:
+            out = torch.ops.mkl._mkl_linear(x.reshape(rows, x.shape[-1]), copy, weight.detach(), None, rows)
+            return out.view(*x.shape[:-1], out.shape[-1])
         return x @ copy  # (..., in) @ (in, out)
 
 
@@ -263,7 +274,12 @@ class KVCache:
 #     5.2 ms, one thread) and no slower at 8-128 rows. Same logits as F.linear to float rounding. bf16
 #     weights get no copies: oneDNN's bf16 product was no faster through them (palm_small's fused
 #     projection at 16 rows, AMX Xeon: 0.59 against 0.48 ms), and making one took ~5 ms, once per loop;
-#     the bench model's bf16 decode step went 4.3 -> 3.4-3.7 ms at batch 1, 5.6 -> 5.0 at 16.
+#     the bench model's bf16 decode step went 4.3 -> 3.4-3.7 ms at batch 1, 5.6 -> 5.0 at 16. At two or
+#     more rows the fp32 copy is MKL's packed matrix for that many rows (torch.ops.mkl, where the build has
+#     MKL) instead, made once per loop: MKL's plain product packs the matrix again at every call. PPO's
+#     16-row rollouts on palm_small (one thread) went 1.03 -> 0.83 s an iteration; at one row packing
+#     was slower. The same values to float rounding (bit-identical for matrices up to 512 wide on the
+#     AMX Xeon; ~1e-6 apart at 2048, where MKL splits the sum differently).
 #   fp16: fp16 copies packed for FBGEMM's small-batch kernel (torch.ops.quantized, x86 only): half the
 #     bytes to read, and MKL's fp32 product is slow at a few rows on this AVX2 machine (the 19 matrices,
 #     one thread, FBGEMM fp16 against the fp32 copies: 2.9 vs 3.7 ms at one row, 3.7 vs 10.5 at 8,
@@ -282,6 +298,16 @@ def check_decode_weights(weights: str) -> None:
     if weights == "fp16" and _fbgemm_fp16_missing():
         raise UserError("decode_weights=fp16 needs PyTorch's FBGEMM kernels (x86 CPU builds); this build "
                         f"has none ({_fbgemm_fp16_missing()}): use decode_weights=fp32")
+
+
+@functools.cache
+def _mkl_packing_works() -> bool:
+    """Whether this build multiplies by MKL-packed fp32 matrices (x86 builds with MKL; tried once)."""
+    try:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(torch.ones(4, 8), 2)
+        return bool(torch.ops.mkl._mkl_linear(torch.ones(2, 8), packed, torch.ones(4, 8), None, 2).eq(8).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 @functools.cache
