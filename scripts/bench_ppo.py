@@ -1,7 +1,7 @@
 """Benchmark `palmrl ppo` on this machine: rollout speed, iteration time and peak memory.
 
-    python scripts/bench_ppo.py              # full run, ~2 minutes on 2 CPU cores
-    python scripts/bench_ppo.py --quick      # smoke run, ~1 minute (shorter; targets not judged)
+    python scripts/bench_ppo.py              # full run, ~3 minutes on 2 CPU cores
+    python scripts/bench_ppo.py --quick      # smoke run, ~2 minutes (shorter; targets not judged)
     python scripts/bench_ppo.py --threads 2  # torch threads per process (default 1: the cores are shared)
     python scripts/bench_ppo.py --before ../palmrl-before   # also an earlier checkout's PPO iteration (+~1.5 min)
 
@@ -290,8 +290,9 @@ def run_child(kind: str, *args: str, cwd: Path, threads: int, code: Path | None 
         sys.exit(f"bench_ppo: child '{kind}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(lines[-1].removeprefix(RESULT))
     out["process_s"], out["load"] = time.perf_counter() - start, os.getloadavg()[0]
-    label = f"{kind} (--before)" if code else kind
-    print(f"  {label:<9} {out['process_s']:6.1f} s  peak RSS {out['maxrss_mb']:,.0f} MB  "
+    run_name = next((a.split("=", 1)[1] for a in args if a.startswith("run_name=")), "")
+    label = f"{kind} {run_name}".strip() + (" (--before)" if code else "")
+    print(f"  {label:<22} {out['process_s']:6.1f} s  peak RSS {out['maxrss_mb']:,.0f} MB  "
           f"load average {out['load']:.2f}", flush=True)
     return out
 
@@ -318,12 +319,13 @@ def steady_iteration(run: dict) -> float:
     return statistics.median(iters[1:] or iters)
 
 
-def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None) -> list[tuple[str, str, float, str]]:
+def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None,
+             fp32: dict | None = None) -> list[tuple[str, str, float, str]]:
     """Iteration time, its phases (the stage's own time_* metrics), and its matrix products against
     this process's matmul ceiling; iteration 1 (warm-up) is shown apart from the medians. `judge`:
     verdict function for the 2x target (the LoRA run), against `before` (the same run with the
     --before checkout's code, measured just before and after this one) when given, else against
-    ITERATION_BEFORE_S."""
+    ITERATION_BEFORE_S. `fp32`: the fp32 LoRA run a bf16 run is shown against (not judged)."""
     iters = iteration_seconds(run)
     steady = run["train"][1:] or run["train"]
     iteration = steady_iteration(run)
@@ -333,9 +335,15 @@ def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None)
                        for k in ("time_generate_s", "time_score_s", "time_update_s"))
     # the issue's 8.8 s and the --before runs are LoRA r8: only that row (the judged one) is compared
     versus, target = "", ""
-    if judge is None and before:  # (the bf16 row: shown against the --before code's fp32 run, not judged)
-        then = statistics.mean(steady_iteration(b) for b in before)
-        versus = f"{then / iteration:.2f}x faster than the --before code's fp32 iteration ({then:.2f} s)"
+    if judge is None and (fp32 or before):  # the bf16 row: shown against the fp32 runs, not judged
+        parts = []
+        if fp32:
+            parts.append(f"{steady_iteration(fp32) / iteration:.2f}x faster than the fp32 LoRA run above (it samples "
+                         f"other responses, so their lengths and FLOPs differ a little)")
+        if before:
+            then = statistics.mean(steady_iteration(b) for b in before)
+            parts.append(f"{then / iteration:.2f}x faster than the --before code's fp32 iteration ({then:.2f} s)")
+        versus = "; ".join(parts)
     if judge is not None:
         if before:
             runs = [steady_iteration(b) for b in before]
@@ -344,8 +352,8 @@ def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None)
                       f"{' / '.join(f'{r:.2f}' for r in runs)} s in its runs just before / after this one)")
         else:
             then = ITERATION_BEFORE_S
-            versus = (f"{then / iteration:.2f}x the {then} s of the issue (measured on the AVX2 development machine "
-                      f"at load 6-7: like-for-like only there; elsewhere run with --before)")
+            versus = (f"{then / iteration:.2f}x the {then} s the 2x target was set against (issue 18, measured on the "
+                      f"AVX2 development machine at load 6-7: like-for-like only there; elsewhere run with --before)")
         target = f"≥ 2x faster: {judge(iteration <= then / 2)}"
     rows = [(f"PPO iteration (rollout + scoring + updates), {name}",
              f"{iteration:.2f} s ({steady_label(iters)}; iteration 1: {iters[0]:.2f} s): {phases}"
@@ -436,7 +444,7 @@ def main() -> None:
          gen["load"], f"≥ 10x: {verdict(speedup >= 10)}"),
         *ppo_rows("LoRA r8", shared, verdict, earlier),
         *ppo_rows("lora=none", separate),
-        *(ppo_rows("LoRA r8, precision=bf16", half, before=earlier) if half else
+        *(ppo_rows("LoRA r8, precision=bf16", half, before=earlier, fp32=shared) if half else
           [("PPO iteration, LoRA r8, precision=bf16", "not run: this CPU has no bf16 instructions", base["load"], "")]),
         ("peak RSS, baseline process (import torch, deepspeed, palmrl)", f"{base['maxrss_mb']:,.0f} MB",
          base["load"], ""),
