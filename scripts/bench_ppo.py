@@ -333,27 +333,21 @@ def ppo_rows(name: str, run: dict, judge=None, before: list[dict] | None = None,
     tokens_per_s = sum(n for _, n in gen) / sum(s for s, _ in gen)
     phases = ", ".join(f"{k[5:-2]} {statistics.median(m[k] for m in steady):.2f} s"
                        for k in ("time_generate_s", "time_score_s", "time_update_s"))
-    # the issue's 8.8 s and the --before runs are LoRA r8: only that row (the judged one) is compared
+    # the issue's 8.8 s and the --before runs are LoRA r8 in fp32: only that row is judged against them
+    runs = [steady_iteration(b) for b in before or []]
+    then = statistics.mean(runs) if runs else ITERATION_BEFORE_S
     versus, target = "", ""
-    if judge is None and (fp32 or before):  # the bf16 row: shown against the fp32 runs, not judged
-        parts = []
-        if fp32:
-            parts.append(f"{steady_iteration(fp32) / iteration:.2f}x faster than the fp32 LoRA run above (it samples "
-                         f"other responses, so their lengths and FLOPs differ a little)")
-        if before:
-            then = statistics.mean(steady_iteration(b) for b in before)
+    if judge is None:  # the bf16 row: shown against the fp32 runs, not judged
+        parts = [f"{steady_iteration(fp32) / iteration:.2f}x faster than the fp32 LoRA run above (it samples "
+                 f"other responses, so their lengths and FLOPs differ a little)"] if fp32 else []
+        if runs:
             parts.append(f"{then / iteration:.2f}x faster than the --before code's fp32 iteration ({then:.2f} s)")
         versus = "; ".join(parts)
-    if judge is not None:
-        if before:
-            runs = [steady_iteration(b) for b in before]
-            then = statistics.mean(runs)
-            versus = (f"{then / iteration:.2f}x faster than the --before code ({then:.2f} s: "
-                      f"{' / '.join(f'{r:.2f}' for r in runs)} s in its runs just before / after this one)")
-        else:
-            then = ITERATION_BEFORE_S
-            versus = (f"{then / iteration:.2f}x the {then} s the 2x target was set against (issue 18, measured on the "
-                      f"AVX2 development machine at load 6-7: like-for-like only there; elsewhere run with --before)")
+    else:
+        versus = (f"{then / iteration:.2f}x faster than the --before code ({then:.2f} s: "
+                  f"{' / '.join(f'{r:.2f}' for r in runs)} s in its runs just before / after this one)" if runs else
+                  f"{then / iteration:.2f}x the {then} s the 2x target was set against (issue 18, measured on the "
+                  f"AVX2 development machine at load 6-7: like-for-like only there; elsewhere run with --before)")
         target = f"≥ 2x faster: {judge(iteration <= then / 2)}"
     rows = [(f"PPO iteration (rollout + scoring + updates), {name}",
              f"{iteration:.2f} s ({steady_label(iters)}; iteration 1: {iters[0]:.2f} s): {phases}"
@@ -420,6 +414,7 @@ def main() -> None:
     earlier += run_before(2)
     separate = run("ppo", *ppo_overrides(sft, reward, ppo_steps, "none"), "run_name=ppo_full")
     # on a CPU that multiplies bf16 in hardware (AVX512-BF16/AMX) also precision=bf16, what a user there would pick
+    # (imported here: a --before child imports this script with that checkout's palmrl, which may not have it)
     from palmrl.runtime import cpu_has_fast_bf16
 
     half = run("ppo", *lora_args, "precision=bf16", "run_name=ppo_lora_bf16") if cpu_has_fast_bf16() else None

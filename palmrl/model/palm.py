@@ -453,9 +453,8 @@ def attend_bmm(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, num_tokens: int) -
     G = L // T
     q, k, v = q.reshape(B * K, L, E), k.reshape(B * K, S, E), v.reshape(B * K, S, E)
     if T == 1 and bias.shape[2] == 1:  # a decoding step: one bias row, broadcast over the G query rows
-        bias = bias.expand(B, K, 1, S).reshape(B * K, 1, S)
-        scores = torch.baddbmm(bias if bias.dtype == q.dtype else bias.to(q.dtype), q, k.transpose(1, 2),
-                               alpha=E ** -0.5)  # (B*K, G, S)
+        bias = bias.to(q.dtype).expand(B, K, 1, S).reshape(B * K, 1, S)
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=E ** -0.5)  # (B*K, G, S)
         return (scores.softmax(dim=-1) @ v).view(B, K, L, E)
     bias = bias.to(q.dtype).expand(B, K, L, S).reshape(B * K, L, S)
 
