@@ -12,7 +12,9 @@ streams text and stops rows at stop strings); `generate` runs it to the end, and
 
 The model is called as `model(tokens, attention_mask=, cache=, last_only=True)` and returns logits
 (B, 1, V) of the last position (PaLM and the Hugging Face wrapper both do; `new_cache(B, max_len)`
-makes the cache). `decode_weights` picks what a PaLM's one-token steps multiply by on the CPU
+makes the cache). Rows with the same prompt (RL's several responses to a prompt, best-of-n) fill
+the cache once per distinct prompt, and each row gets a copy of its prompt's keys and values (a
+PaLM's KVCache.rows). `decode_weights` picks what a PaLM's one-token steps multiply by on the CPU
 (model/palm.py, DECODE_WEIGHTS): "fp32" copies of the weights (the default, the logits of the full
 forward to float rounding) or "fp16" ones (FBGEMM, ~2.5x faster matrix products at 8-16 rows on an
 AVX2 CPU, at the cost of fp16-rounded weights).
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from palmrl.errors import UserError
-from palmrl.model.palm import zero3_partitioned
+from palmrl.model.palm import distinct_prefixes, zero3_partitioned
 
 
 class Generation(NamedTuple):
@@ -201,18 +203,33 @@ class Decoder:
         or (use_cache=False) everything again."""
         # (model(...), not trunk + logits: under ZeRO-3 the tied output weight is gathered in forward)
         if self.steps == 0:
-            if self.use_cache:
-                # (models implementing only new_cache(B, max_len) decode as they are by default)
-                weights = {} if self.decode_weights == "fp32" else {"weights": self.decode_weights}
-                self._cache = self.model.new_cache(self.tokens.shape[0], self.prompt_length + self.max_new_tokens,
-                                                   **weights)
-            return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache, last_only=True)[:, -1]
+            if not self.use_cache:
+                return self.model(self.tokens, attention_mask=self.prompt_mask, last_only=True)[:, -1]
+            return self._prefill()
         if self.use_cache:
             return self.model(self._last[:, None], attention_mask=self.response_mask[:, self.steps - 1:self.steps],
                               cache=self._cache, last_only=True)[:, -1]
         so_far = torch.cat((self.tokens, self.response[:, :self.steps]), dim=1)
         mask_so_far = torch.cat((self.prompt_mask, self.response_mask[:, :self.steps]), dim=1)
         return self.model(so_far, attention_mask=mask_so_far, last_only=True)[:, -1]
+
+    def _prefill(self) -> Tensor:
+        """The prompts into a new cache -> their last logits (B, V): once per distinct prompt where the
+        cache can hand its rows out (KVCache.rows), else every row."""
+        # (models implementing only new_cache(B, max_len) decode as they are by default)
+        weights = {} if self.decode_weights == "fp32" else {"weights": self.decode_weights}
+        max_len = self.prompt_length + self.max_new_tokens
+        shared = distinct_prefixes(self.tokens, self.prompt_mask, self.prompt_length)
+        if shared is not None:
+            first, owner = shared
+            cache = self.model.new_cache(len(first), max_len, **weights)
+            if hasattr(cache, "rows"):
+                logits = self.model(self.tokens[first], attention_mask=self.prompt_mask[first], cache=cache,
+                                    last_only=True)[:, -1]
+                self._cache = cache.rows(owner)
+                return logits[owner]
+        self._cache = self.model.new_cache(self.tokens.shape[0], max_len, **weights)
+        return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache, last_only=True)[:, -1]
 
     def generation(self) -> Generation:
         """The prompts and the steps taken so far."""

@@ -44,9 +44,11 @@ class RewardModel(nn.Module):
         self.register_buffer("score_mean", torch.zeros(()), persistent=False)
         self.register_buffer("score_std", torch.ones(()), persistent=False)
 
-    def forward(self, tokens: Tensor, last: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Head outputs at each row's `last` position: (B,) for pairwise, (B, K) logits for binned."""
-        hidden = self.palm.trunk(tokens, attention_mask=attention_mask)  # (B, T, D)
+    def forward(self, tokens: Tensor, last: Tensor, attention_mask: Tensor | None = None,
+                shared_prefix: int = 0) -> Tensor:
+        """Head outputs at each row's `last` position: (B,) for pairwise, (B, K) logits for binned;
+        `shared_prefix`: rows that begin alike compute that beginning once (PaLM.trunk)."""
+        hidden = self.palm.trunk(tokens, attention_mask=attention_mask, shared_prefix=shared_prefix)  # (B, T, D)
         pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, D)
         out = self.reward_head(pooled).float()  # (B, 1) or (B, K)
         return out.squeeze(-1) if self.objective == "pairwise" else out

@@ -70,21 +70,25 @@ class ActorCritic(nn.Module):
         self.critic_trunk = critic_trunk    # full fine-tuning only: a separate trunk for the critic
         self.value_head = ScalarHead(palm.config.dim, 1) if critic else None
 
-    def actor_logits(self, tokens: Tensor, attention_mask: Tensor, keep: slice | None = None) -> Tensor:
-        with lora_scope(self.palm, ACTOR if self.lora else None):
-            return self.palm(tokens, attention_mask=attention_mask, keep=keep)  # (B, T, V), or the kept positions'
+    def actor_logits(self, tokens: Tensor, attention_mask: Tensor, keep: slice | None = None,
+                     shared_prefix: int = 0) -> Tensor:
+        with lora_scope(self.palm, ACTOR if self.lora else None):  # (B, T, V), or the kept positions'
+            return self.palm(tokens, attention_mask=attention_mask, keep=keep, shared_prefix=shared_prefix)
 
-    def values(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    def values(self, tokens: Tensor, attention_mask: Tensor, shared_prefix: int = 0) -> Tensor:
         if self.value_head is None:
             return torch.zeros(tokens.shape, device=tokens.device)
         trunk = self.palm if self.lora else self.critic_trunk
         with lora_scope(trunk, CRITIC if self.lora else None):
-            hidden = trunk.trunk(tokens, attention_mask=attention_mask)  # (B, T, D)
+            hidden = trunk.trunk(tokens, attention_mask=attention_mask, shared_prefix=shared_prefix)  # (B, T, D)
         return self.value_head(hidden).squeeze(-1).float()  # (B, T)
 
-    def forward(self, tokens: Tensor, attention_mask: Tensor, keep: slice | None = None) -> tuple[Tensor, Tensor]:
-        """(actor logits at the positions `keep` names (all: None), critic values (B, T))."""
-        return self.actor_logits(tokens, attention_mask, keep), self.values(tokens, attention_mask)
+    def forward(self, tokens: Tensor, attention_mask: Tensor, keep: slice | None = None,
+                shared_prefix: int = 0) -> tuple[Tensor, Tensor]:
+        """(actor logits at the positions `keep` names (all: None), critic values (B, T)); `shared_prefix`
+        (PaLM.trunk): the prompt block, computed once per distinct prompt in the batch."""
+        return (self.actor_logits(tokens, attention_mask, keep, shared_prefix),
+                self.values(tokens, attention_mask, shared_prefix))
 
 
 class Rollout(NamedTuple):
@@ -432,14 +436,15 @@ class OnlineRecipe(ABC):
         t0 = time.perf_counter()
 
         # sampling-time log-probs and values, the reference's log-probs, the scores
-        logits, values = self.engine(seq, attn, response_positions(P))  # logits (B, N, V): the response's only
+        # every forward computes a prompt's block once for its `group` responses (PaLM.trunk's shared_prefix)
+        logits, values = self.engine(seq, attn, response_positions(P), P)  # logits (B, N, V): the response's only
         logprobs = rl.token_logprobs(logits, seq[:, P:])
         values = response_slice(values, P)
         ref_logprobs = self.reference_logprobs(seq, attn, P)
         response_ids = [seq[b, P:][mask[b]].tolist() for b in range(seq.shape[0])]
         ended = [bool(ids) and ids[-1] == eos_id for ids in response_ids]
         texts = [clean_response(self.tokenizer, ids)[0] for ids in response_ids]
-        scored = rl.sequence_scores(self.score(batch_prompts, seq, attn, texts), torch.tensor(ended),
+        scored = rl.sequence_scores(self.score(batch_prompts, seq, attn, texts, P), torch.tensor(ended),
                                     missing_eos_penalty=ppo.missing_eos_penalty, clip=ppo.score_clip)
         score_s = time.perf_counter() - t0
         models.module.train()
@@ -460,19 +465,23 @@ class OnlineRecipe(ABC):
         """Log-probs of the response under the frozen SFT policy: the base with no scope, or its copy."""
         if self.models.reference is None:
             with lora_scope(self.models.palm, None):
-                logits = self.models.palm(sequences, attention_mask=attention_mask, keep=response_positions(P))
+                logits = self.models.palm(sequences, attention_mask=attention_mask, keep=response_positions(P),
+                                          shared_prefix=P)
         else:
-            logits = self.models.reference(sequences, attention_mask=attention_mask, keep=response_positions(P))
+            logits = self.models.reference(sequences, attention_mask=attention_mask, keep=response_positions(P),
+                                           shared_prefix=P)
         return rl.token_logprobs(logits, sequences[:, P:])
 
-    def score(self, batch_prompts: list, sequences: Tensor, attention_mask: Tensor, texts: list[str]) -> Tensor:
+    def score(self, batch_prompts: list, sequences: Tensor, attention_mask: Tensor, texts: list[str],
+              prompt_length: int = 0) -> Tensor:
         """Raw scores (B,) on the CPU: the reward function's, or the reward model's at the last real token
         (normalised by its held-out mean and std when ppo.normalise_scores)."""
         models = self.models
         if models.reward_fn is not None:
             return torch.tensor([float(s) for s in models.reward_fn([prompt_text(x) for x in batch_prompts], texts)])
         with lora_scope(models.palm, REWARD) if models.shared_reward else nullcontext():
-            out = models.reward_model(sequences, last_positions(attention_mask), attention_mask=attention_mask)
+            out = models.reward_model(sequences, last_positions(attention_mask), attention_mask=attention_mask,
+                                      shared_prefix=prompt_length)
         raw = models.reward_model.scores(out).float().cpu()
         return models.reward_model.normalised(raw) if self.ppo.normalise_scores else raw
 
@@ -485,7 +494,7 @@ class OnlineRecipe(ABC):
             for idx in torch.randperm(ppo.rollout_batch, generator=generator).split(ppo.minibatch):
                 idx = idx.to(self.dist.device)
                 logits, values = self.engine(data.sequences[idx], data.attention_mask[idx],
-                                             response_positions(data.prompt_length))
+                                             response_positions(data.prompt_length), data.prompt_length)
                 loss, parts = self.minibatch_loss(data, idx, logits, response_slice(values, data.prompt_length))
                 self.trainer.backward_step(loss)
                 for k, v in {"loss": loss.item(), **parts}.items():

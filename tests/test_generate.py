@@ -414,3 +414,24 @@ def test_sample_ignore_eos_takes_every_token_and_reports_its_speed(tmp_path, cap
     run_stage("sample", cfg, sample.run)
     assert [json.loads(line)["tokens"] for line in out.read_text().splitlines()] == [5, 5]
     assert "tokens/s (cpu, float32, fp16 decode weights, up to" in capsys.readouterr().err
+
+
+def test_rows_with_one_prompt_fill_the_cache_once():
+    """Several rows per prompt (RL's responses to a prompt, best-of-n): the cache is filled once per
+    distinct prompt and each row decodes from its own copy. The same tokens as recomputing every row
+    without a cache, rows of one prompt still sampled independently; distinct prompts fill every row."""
+    model = tiny_model().eval()
+    prefilled = []  # token rows layer 0's projection takes in each prompt call
+    model.layers[0].fused_proj.register_forward_hook(
+        lambda m, args, out: prefilled.append(args[0].shape[:-1].numel()) if args[0].shape[1] > 1 else None)
+    prompts = [PROMPTS[i] for i in (0, 1, 0, 2, 1, 0)]
+    cached = generate(model, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    assert prefilled == [3 * 5]  # 3 distinct prompts, left-padded to 5
+    uncached = generate(model, prompts, max_new_tokens=8, use_cache=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cached.sequences, uncached.sequences)
+    responses = cached.sequences[:, 5:]
+    assert not (torch.equal(responses[0], responses[2]) and torch.equal(responses[0], responses[5]))
+
+    prefilled.clear()
+    generate(model, PROMPTS, max_new_tokens=2)
+    assert prefilled == [3 * 5]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
 from palmrl.errors import UserError
 from palmrl.model import KVCache, ModelConfig, PaLM, ScalarHead
@@ -176,6 +177,69 @@ def test_the_read_positions_meet_the_output_matrix_in_one_product(dtype):
             assert not [op for op in ops if op[0] == "aten::bmm" and any(s and s[-1] == V for s in op[1])], ops
             assert not [op for op in ops if [B, D, V] in op[1]], "the output matrix was expanded per row"
             assert [op for op in ops if op[0] == "aten::mm" and [D, V] in op[1]], "one product with the matrix"
+
+
+def grouped_batch(seed: int = 2):
+    """RL's layout: 3 prompts (5, 9 and 7 tokens, left-padded to P = 9), 3 responses of N = 6 to each,
+    rows shuffled so a prompt's responses are not adjacent; one response ends early (pads after it)."""
+    g = torch.Generator().manual_seed(seed)
+    P, N = 9, 6
+    rows, masks = [], []
+    for n in (5, 9, 7):
+        prompt = torch.randint(1, TINY["vocab_size"], (n,), generator=g)
+        for k in range(3):
+            response = torch.randint(1, TINY["vocab_size"], (N,), generator=g)
+            real = torch.ones(N, dtype=torch.bool)
+            if k == 1:
+                real[3:], response[3:] = False, 0
+            rows.append(torch.cat((torch.zeros(P - n, dtype=torch.long), prompt, response)))
+            masks.append(torch.cat((torch.arange(P) >= P - n, real)))
+    order = torch.randperm(len(rows), generator=g)
+    return torch.stack(rows)[order], torch.stack(masks)[order], P
+
+
+def rows_into_first_projection(model: PaLM, **kwargs) -> tuple[Tensor, int]:
+    """model(**kwargs) and how many token rows layer 0's fused projection multiplied."""
+    seen = []
+    hook = model.layers[0].fused_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        out = model(**kwargs)
+    finally:
+        hook.remove()
+    return out, sum(seen)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_rows_that_begin_alike_compute_their_prefix_once(variant, recompute):
+    """shared_prefix=P (RL's responses to one prompt): the prompt block is computed once per distinct
+    (tokens, mask) beginning, wherever its rows sit in the batch, and every row gets the logits and
+    gradients of the plain forward; a batch whose beginnings all differ takes the plain path."""
+    model = tiny_model(**VARIANTS[variant]).train()
+    model.activation_checkpointing = recompute
+    tokens, mask, P = grouped_batch()
+    B, T = tokens.shape
+    results = {}
+    for shared in (0, P):
+        model.zero_grad()
+        logits, rows = rows_into_first_projection(model, tokens=tokens, attention_mask=mask,
+                                                  keep=slice(P - 1, -1), shared_prefix=shared)
+        (logits.pow(2).mean(-1) * mask[:, P - 1:-1]).sum().backward()
+        results[shared] = logits, rows, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (plain, plain_rows, plain_grads), (fast, fast_rows, fast_grads) = results[0], results[P]
+    assert plain_rows == B * T and fast_rows == 3 * P + B * (T - P)
+    read = mask[:, P - 1:-1]  # positions whose logits predict a real response token
+    torch.testing.assert_close(fast[read], plain[read], rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # distinct beginnings: nothing to share
+    distinct = tokens.clone()
+    distinct[:, P - 1] = torch.arange(B) + 1
+    with torch.no_grad():
+        out, rows = rows_into_first_projection(model, tokens=distinct, attention_mask=mask, shared_prefix=P)
+        assert rows == B * T
+        torch.testing.assert_close(out, model(distinct, attention_mask=mask), rtol=0, atol=0)
 
 
 def test_kv_cache_overflow():

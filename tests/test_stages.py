@@ -217,13 +217,27 @@ def test_ppo_reference_variant_trains_through_its_own_loss(tiny_chain, tmp_path,
 
 @pytest.mark.integration
 @pytest.mark.parametrize("lora", ["r8", "none"])
-def test_ppo_in_bf16_runs_its_frozen_models_at_the_actors_precision(tiny_chain, tmp_path, dist_env, lora):
+def test_ppo_in_bf16_runs_its_frozen_models_at_the_actors_precision(tiny_chain, tmp_path, dist_env, lora,
+                                                                     monkeypatch):
     """precision=bf16 (what `auto` picks on a GPU): DeepSpeed casts the actor to bf16 and the frozen models
     outside its engine follow: the reward head on the shared base (lora=r8; in fp32 it refused the bf16
     trunk's output), the separate reference and reward model (lora=none; an fp32 reference gave the
-    first rollout a KL although actor and reference were the same policy)."""
+    first rollout a KL although actor and reference were the same policy). In both layouts every
+    forward of the scoring (actor, critic, reference, reward model) and of the updates computes a
+    prompt's block once for its responses (PaLM.trunk's shared_prefix)."""
     from palmrl import checkpoint
+    from palmrl.model import palm
     from palmrl.rlhf import same_base
+
+    grouped = []  # (rows, distinct prompt blocks) of each forward that shares its prompts
+    real = palm.distinct_prefixes
+
+    def spy(tokens, attention_mask, P):
+        found = real(tokens, attention_mask, P)
+        grouped.append((tokens.shape[0], tokens.shape[0] if found is None else found[0].shape[0]))
+        return found
+
+    monkeypatch.setattr(palm, "distinct_prefixes", spy)
 
     reward = tiny_chain / "reward"  # its own base (the pipeline trains it with lora=none)
     if lora == "r8":  # a LoRA reward model on the SFT policy (`palmrl reward`'s default): PPO shares that base
@@ -236,6 +250,10 @@ def test_ppo_in_bf16_runs_its_frozen_models_at_the_actors_precision(tiny_chain, 
     assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in ("loss", "kl", "reward", "value_loss"))
     assert rows[0]["kl"] == 0.0  # before any update the actor is the reference, to the last bit
     assert checkpoint.load(out).manifest["config"]["precision"] == "bf16"
+    # 2 iterations: 4 scoring forwards over 16 rows (4 prompts x 4 responses), then 2 epochs x 2
+    # minibatches of 8 rows x (actor, critic); 8 rows hold at most 4 prompts
+    scoring, updates = [u for b, u in grouped if b == 16], [u for b, u in grouped if b == 8]
+    assert len(grouped) == 24 and scoring == [4] * 8 and len(updates) == 16 and max(updates) <= 4
 
 
 @pytest.mark.unit

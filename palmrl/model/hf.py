@@ -135,8 +135,10 @@ class HFCausalLM(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def trunk(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: HFCache | None = None) -> Tensor:
-        """Final-normed hidden states (B, T, D) of `tokens`; with a cache, only the new tokens."""
+    def trunk(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: HFCache | None = None,
+              shared_prefix: int = 0) -> Tensor:
+        """Final-normed hidden states (B, T, D) of `tokens`; with a cache, only the new tokens.
+        `shared_prefix` is accepted as PaLM.trunk takes it; every row is computed whole here."""
         mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         if cache is not None:
             cache.mask = torch.cat((cache.mask, mask), dim=1)
@@ -153,7 +155,7 @@ class HFCausalLM(nn.Module):
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: HFCache | None = None,
                 targets: Tensor | None = None, ignore_index: int | None = -100, last_only: bool = False,
-                keep: slice | Tensor | None = None) -> Tensor:
+                keep: slice | Tensor | None = None, shared_prefix: int = 0) -> Tensor:
         """Logits (B, T, V), or the last position's (B, 1, V) with `last_only`, or those of the positions
         `keep` names (as PaLM's); with targets: their mean cross-entropy, chunked as PaLM's (model/loss.py)."""
         hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)

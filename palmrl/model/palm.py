@@ -25,6 +25,10 @@ On a GPU, an unpadded batch without a cache (pretraining, scoring) takes SDPA wi
 on unfolded (B, H, T, E) queries and no mask tensor, which is what lets PyTorch pick the flash
 kernel; padded batches and cached decoding keep the folded path with its additive mask.
 
+Rows that begin alike (RL samples several responses to each prompt) can share that beginning:
+`shared_prefix=P` computes the first P positions once per distinct (tokens, mask) block and lets
+every row's later positions attend to its copy of those keys and values (`trunk`).
+
 `activation_checkpointing = True` recomputes each block in the backward pass instead of keeping its
 activations (non-reentrant torch.utils.checkpoint): about one more forward per step for memory
 that no longer grows with depth.
@@ -238,6 +242,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
+    def rows(self, index: Tensor) -> KVCache:
+        """A cache holding this one's rows `index` (B',), in that order: a prompt prefilled once, handed
+        to each of its rows. Weight copies are shared, not copied."""
+        out = KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.key_mask[index],
+                      self.lengths[index], self.weights, self._copies)
+        out.offset, out.rotary = self.offset, self.rotary
+        return out
+
     def product(self, x: Tensor, weight: Tensor) -> Tensor:
         """x (..., in) @ weight (out, in).T through a copy of `weight`, made on first use and kept for
         this cache's decode loop (the weights do not change while one loop runs; the next loop makes
@@ -360,7 +372,6 @@ class ParallelBlock(nn.Module):
         if cache is not None and T == 1:
             return self.decode_step(x, rotary, bias, cache, layer)
         H, K, E = self.heads, self.kv_heads, self.dim_head
-        G = H // K
         q, k, v, ff_in, gate = self.project_input(x, rotary, cache)
 
         # keys and values: this call's, or everything cached so far including this call's
@@ -376,12 +387,33 @@ class ParallelBlock(nn.Module):
                                                  enable_gqa=K != H)  # (B, H, T, E)
             out = out.transpose(1, 2).reshape(B, T, H * E)
         else:
-            # fold the G query heads that share a key/value head into the query length: row t*G + g
-            q = q.view(B, T, K, G, E).transpose(1, 2).reshape(B, K, T * G, E)  # free when K == 1
-            out = attend(q, k, v, bias, T)  # (B, K, T*G, E)
-            out = out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
-
+            out = self.attention(q, k, v, bias)
         return self.project_output(x, out, ff_in, gate, cache)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """q (B, T, H, E) of this call's tokens, the last T of the key slots k/v (B, K, S, E), bias
+        (B|1, 1, T*G, S) -> (B, T, H*E). The G query heads that share a key/value head are folded into
+        the query length (row t*G + g), free when K == 1."""
+        B, T, H, E = q.shape
+        K = self.kv_heads
+        G = H // K
+        q = q.view(B, T, K, G, E).transpose(1, 2).reshape(B, K, T * G, E)
+        out = attend(q, k, v, bias, T)  # (B, K, T*G, E)
+        return out.reshape(B, K, T, G, E).transpose(1, 2).reshape(B, T, H * E)
+
+    def forward_shared(self, prefix: Tensor, rest: Tensor, rotary: tuple[RotaryTables, RotaryTables],
+                       bias: tuple[Tensor, Tensor], owner: Tensor) -> tuple[Tensor, Tensor]:
+        """forward() of rows whose first P positions are shared (PaLM.trunk's `shared_prefix`):
+        prefix (U, P, D) once per distinct beginning, rest (B, T-P, D) every row's later positions,
+        owner (B,) each row's prefix. The prefix attends to itself; the rest to its row's prefix keys
+        and values and to its own. rotary and bias: (the prefix's, the rest's), as forward() takes them."""
+        qp, kp, vp, ffp, gatep = self.project_input(prefix, rotary[0], None)
+        qr, kr, vr, ffr, gater = self.project_input(rest, rotary[1], None)
+        kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)  # (U, K, P, E)
+        keys = torch.cat((kp[owner], kr.transpose(1, 2)), dim=2)  # (B, K, T, E)
+        values = torch.cat((vp[owner], vr.transpose(1, 2)), dim=2)
+        return (self.project_output(prefix, self.attention(qp, kp, vp, bias[0]), ffp, gatep, None),
+                self.project_output(rest, self.attention(qr, keys, values, bias[1]), ffr, gater, None))
 
     def decode_step(self, x: Tensor, rotary: RotaryTables, bias: Tensor, cache: KVCache, layer: int) -> Tensor:
         """forward() for one new token per row (x (B, 1, D)) through the cache: the same products on the
@@ -489,6 +521,26 @@ def _whole(param: nn.Parameter):
     return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
 
 
+def additive_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool attention pattern (True: may attend) as the additive mask attention takes: 0 or -inf."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+def distinct_prefixes(tokens: Tensor, attention_mask: Tensor | None, P: int) -> tuple[Tensor, Tensor] | None:
+    """Rows of tokens (B, T) grouped by their first P tokens and mask: (first (U,) a row of each
+    distinct beginning, owner (B,) each row's index into first), or None when all B are distinct."""
+    key = tokens[:, :P]
+    if attention_mask is not None:  # a pad id may also be a real token
+        key = torch.cat((key, attention_mask[:, :P].long()), dim=1)
+    distinct, owner = torch.unique(key, dim=0, return_inverse=True)
+    if distinct.shape[0] == tokens.shape[0]:
+        return None
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    first = torch.full((distinct.shape[0],), tokens.shape[0], device=tokens.device).scatter_reduce(
+        0, owner, rows, reduce="amin")
+    return first, owner
+
+
 def kept_positions(hidden: Tensor, keep: slice | Tensor | None, last_only: bool = False) -> Tensor:
     """hidden (B, T, D) at the positions whose logits are read: the last (`last_only`, (B, 1, D)), all
     (None), a slice (B, T', D), a bool mask (n, D). Always contiguous: torch's matmul folds only a
@@ -575,8 +627,19 @@ class PaLM(nn.Module):
                        weights=weights if copies else None, copies=self.decode_copies)
 
     def trunk(self, tokens: Tensor, *, attention_mask: Tensor | None = None,
-              cache: KVCache | None = None) -> Tensor:
-        """tokens (B, T) long -> final-normed hidden states (B, T, D)."""
+              cache: KVCache | None = None, shared_prefix: int = 0) -> Tensor:
+        """tokens (B, T) long -> final-normed hidden states (B, T, D).
+
+        `shared_prefix=P` (no cache): rows whose first P tokens and mask are equal (RL's several
+        responses to one prompt) compute those positions once; each row's later positions attend to
+        its copy of them. The same hidden states to float rounding (the sums are split differently);
+        fewer rows of every product: at PPO's 4 responses to a prompt of P tokens and N new ones, 3P
+        of each group's 4(P+N) positions are not computed. A batch of distinct beginnings takes the
+        plain path."""
+        if shared_prefix > 0 and cache is None and shared_prefix < tokens.shape[1]:
+            shared = distinct_prefixes(tokens, attention_mask, shared_prefix)
+            if shared is not None:
+                return self._shared_trunk(tokens, attention_mask, shared_prefix, *shared)
         B, T = tokens.shape
         G = self.config.heads // self.config.kv_heads
         x = self.token_emb(tokens)  # (B, T, D)
@@ -594,9 +657,8 @@ class PaLM(nn.Module):
         if not causal_sdpa:
             # (B|1, 1, T*G, S), query row t*G + g; one new token (decoding): its G rows share one pattern,
             # (B, 1, 1, S) broadcasts over them
-            allowed = allowed[:, None] if T == 1 else allowed.repeat_interleave(G, dim=1)[:, None]
-            bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
-            bias = bias.masked_fill(~allowed, float("-inf"))  # additive: 0 = may attend
+            bias = additive_bias(allowed[:, None] if T == 1 else allowed.repeat_interleave(G, dim=1)[:, None],
+                                 x.dtype)
         if cache is None:
             rotary = self.rotary(positions, x.dtype)
         else:  # the tables of every slot once per cache; each call takes its rows
@@ -615,6 +677,25 @@ class PaLM(nn.Module):
             cache.offset += T
 
         return self.norm(x)  # (B, T, D)
+
+    def _shared_trunk(self, tokens: Tensor, attention_mask: Tensor | None, P: int, first: Tensor,
+                      owner: Tensor) -> Tensor:
+        """trunk() with the first P positions computed for the rows `first` (U,) only; owner (B,): each
+        row's index into `first` (distinct_prefixes)."""
+        G = self.config.heads // self.config.kv_heads
+        positions, allowed = self._positions_and_pattern(tokens, attention_mask, None)  # (B, T), (B, T, T)
+        x = self.token_emb(tokens)  # (B, T, D)
+        prefix, rest = x[first, :P], x[:, P:]  # (U, P, D), (B, T-P, D)
+        rotary = (self.rotary(positions[first, :P], x.dtype), self.rotary(positions[:, P:], x.dtype))
+        bias = (additive_bias(allowed[first, :P, :P].repeat_interleave(G, dim=1)[:, None], x.dtype),
+                additive_bias(allowed[:, P:].repeat_interleave(G, dim=1)[:, None], x.dtype))
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.layers:
+            if recompute:
+                prefix, rest = checkpoint(block.forward_shared, prefix, rest, rotary, bias, owner, use_reentrant=False)
+            else:
+                prefix, rest = block.forward_shared(prefix, rest, rotary, bias, owner)
+        return self.norm(torch.cat((prefix[owner], rest), dim=1))  # (B, T, D)
 
     def _positions_and_pattern(self, tokens: Tensor, attention_mask: Tensor | None,
                                cache: KVCache | None) -> tuple[Tensor, Tensor]:
@@ -661,14 +742,14 @@ class PaLM(nn.Module):
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 targets: Tensor | None = None, ignore_index: int | None = -100, last_only: bool = False,
-                keep: slice | Tensor | None = None) -> Tensor:
+                keep: slice | Tensor | None = None, shared_prefix: int = 0) -> Tensor:
         """tokens (B, T) long -> logits (B, T, V); `last_only`: the last position's only (B, 1, V), what
         decoding needs (a prompt's other positions skip the output projection); `keep`: only the
         positions whose logits are read, a slice of positions (B, T', V) or a (B, T) bool mask (n, V)
         (RL scores responses, DPO sums replies: the prompt's logits are never made); with targets (B, T):
         their mean cross-entropy (fp32), computed in chunks without the full logits, over the positions
-        whose target is not `ignore_index` (None: every position; model/loss.py)."""
-        hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
+        whose target is not `ignore_index` (None: every position; model/loss.py); `shared_prefix`: see trunk."""
+        hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache, shared_prefix=shared_prefix)
         if targets is not None:
             return cross_entropy(hidden, self.token_emb.weight, targets, ignore_index=ignore_index)
         hidden = kept_positions(hidden, keep, last_only)
