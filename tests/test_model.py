@@ -242,6 +242,32 @@ def test_rows_that_begin_alike_compute_their_prefix_once(variant, recompute):
         torch.testing.assert_close(out, model(distinct, attention_mask=mask), rtol=0, atol=0)
 
 
+def test_a_pairs_two_replies_share_their_prompt():
+    """The reward and DPO stages batch chosen rows, then rejected ones, right-padded: paired_prefix is
+    the length every pair has in common (tokens and mask), and with it as shared_prefix each prompt is
+    computed once for its two replies, the replies' logits as the plain forward's."""
+    from palmrl.model.palm import paired_prefix
+
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, TINY["vocab_size"], (n,), generator=g) for n in (6, 4, 8)]
+    chosen = [torch.cat((p, torch.randint(1, TINY["vocab_size"], (n,), generator=g))) for p, n in zip(prompts, (3, 5, 2))]
+    rejected = [torch.cat((p, torch.randint(1, TINY["vocab_size"], (n,), generator=g))) for p, n in zip(prompts, (4, 2, 3))]
+    rows = chosen + rejected
+    T = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = r, True
+    P = paired_prefix(tokens, mask)
+    assert P == 4  # the shortest prompt (the random replies begin differently)
+    model = tiny_model()
+    with torch.no_grad():
+        plain, plain_rows = rows_into_first_projection(model, tokens=tokens, attention_mask=mask)
+        fast, fast_rows = rows_into_first_projection(model, tokens=tokens, attention_mask=mask, shared_prefix=P)
+    assert plain_rows == 6 * T and fast_rows == 3 * P + 6 * (T - P)
+    torch.testing.assert_close(fast[mask], plain[mask], rtol=1e-5, atol=1e-6)
+
+
 def test_kv_cache_overflow():
     model = tiny_model()
     tokens, mask, _ = ragged_batch()

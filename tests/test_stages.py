@@ -229,7 +229,13 @@ def test_ppo_in_bf16_runs_its_frozen_models_at_the_actors_precision(tiny_chain, 
     from palmrl.model import palm
     from palmrl.rlhf import same_base
 
-    grouped = []  # (rows, distinct prompt blocks) of each forward that shares its prompts
+    reward = tiny_chain / "reward"  # its own base (the pipeline trains it with lora=none)
+    if lora == "r8":  # a LoRA reward model on the SFT policy (`palmrl reward`'s default): PPO shares that base
+        reward = run_stage("reward", [f"init_from={tiny_chain / 'sft'}", *REWARD_SMALL, "train.max_steps=2",
+                                      "lora=r8", f"out_dir={tmp_path / 'reward'}"])
+    assert same_base(checkpoint.load(reward), checkpoint.load(tiny_chain / "sft")) == (lora == "r8")
+
+    grouped = []  # (rows, distinct prompt blocks) of each PPO forward that shares its prompts
     real = palm.distinct_prefixes
 
     def spy(tokens, attention_mask, P):
@@ -238,12 +244,6 @@ def test_ppo_in_bf16_runs_its_frozen_models_at_the_actors_precision(tiny_chain, 
         return found
 
     monkeypatch.setattr(palm, "distinct_prefixes", spy)
-
-    reward = tiny_chain / "reward"  # its own base (the pipeline trains it with lora=none)
-    if lora == "r8":  # a LoRA reward model on the SFT policy (`palmrl reward`'s default): PPO shares that base
-        reward = run_stage("reward", [f"init_from={tiny_chain / 'sft'}", *REWARD_SMALL, "train.max_steps=2",
-                                      "lora=r8", f"out_dir={tmp_path / 'reward'}"])
-    assert same_base(checkpoint.load(reward), checkpoint.load(tiny_chain / "sft")) == (lora == "r8")
     out = run_stage("ppo", [f"policy={tiny_chain / 'sft'}", f"reward={reward}", *PPO_SMALL,
                             "train.max_steps=2", "precision=bf16", f"lora={lora}", f"out_dir={tmp_path / lora}"])
     rows = [m for m in metrics(out.parent) if m["split"] == "train"]

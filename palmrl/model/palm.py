@@ -541,6 +541,17 @@ def distinct_prefixes(tokens: Tensor, attention_mask: Tensor | None, P: int) -> 
     return first, owner
 
 
+def paired_prefix(tokens: Tensor, attention_mask: Tensor | None = None) -> int:
+    """Rows that are the two halves of pairs (row i and row i + B/2: a prompt's chosen and rejected
+    replies, as the reward and DPO stages batch them): how many leading positions every pair has in
+    common, tokens and mask. Passed as `shared_prefix`, each prompt is computed once for its two replies."""
+    half = tokens.shape[0] // 2
+    same = tokens[:half] == tokens[half:2 * half]
+    if attention_mask is not None:
+        same &= attention_mask[:half] == attention_mask[half:2 * half]
+    return int(same.long().cumprod(dim=1).sum(dim=1).min()) if half else 0
+
+
 def kept_positions(hidden: Tensor, keep: slice | Tensor | None, last_only: bool = False) -> Tensor:
     """hidden (B, T, D) at the positions whose logits are read: the last (`last_only`, (B, 1, D)), all
     (None), a slice (B, T', D), a bool mask (n, D). Always contiguous: torch's matmul folds only a

@@ -41,6 +41,7 @@ from palmrl.evaluate import sampled_scores, task_score
 from palmrl.generate import generate_responses, seeded_generator
 from palmrl.io import write_atomic
 from palmrl.model.lora import lora_scope
+from palmrl.model.palm import paired_prefix
 from palmrl.model.registry import apply_lora
 from palmrl.rlhf import ACTOR, POLICY_STAGES, export_actor, load_reward_fn, prompt_text
 from palmrl.runtime import init_distributed, seed_everything
@@ -151,7 +152,9 @@ def reply_logprobs(model: nn.Module, tokens: Tensor, attention_mask: Tensor, rep
     of every position was most of a small model's step."""
     predicts = torch.zeros_like(reply_mask)
     predicts[:, :-1] = reply_mask[:, 1:]  # the positions whose next token is a reply token
-    logits = model(tokens, attention_mask=attention_mask, keep=predicts)  # (n, V)
+    # chosen rows then rejected ones: a pair's prompt is computed once for both (PaLM.trunk's shared_prefix)
+    logits = model(tokens, attention_mask=attention_mask, keep=predicts,
+                   shared_prefix=paired_prefix(tokens, attention_mask))  # (n, V)
     logprobs = rl.token_logprobs(logits[:, None], tokens[:, 1:][reply_mask[:, 1:]][:, None])[:, 0]  # (n,)
     rows = predicts.nonzero()[:, 0]
     return torch.zeros(len(tokens), dtype=logprobs.dtype, device=logprobs.device).index_add(0, rows, logprobs)

@@ -25,6 +25,7 @@ from palmrl.data.preferences import (
 )
 from palmrl.engine import Hooks, Trainer
 from palmrl.errors import UserError
+from palmrl.model.palm import paired_prefix
 from palmrl.model.registry import apply_lora
 from palmrl.reward import RewardModel, binned_loss, pairwise_loss
 from palmrl.runtime import init_distributed, seed_everything
@@ -144,7 +145,8 @@ class RewardRecipe:
         if self.pairwise:
             both = torch.cat([batch.chosen_tokens, batch.rejected_tokens]).to(device)  # one forward for both halves
             last = torch.cat([batch.chosen_last, batch.rejected_last]).to(device)
-            chosen, rejected = self.engine(both, last).chunk(2)
+            # a pair's replies share their prompt: computed once for both (PaLM.trunk's shared_prefix)
+            chosen, rejected = self.engine(both, last, shared_prefix=paired_prefix(both)).chunk(2)
             out = pairwise_loss(chosen, rejected, self.settings.margin)
             stats = {"accuracy": out.accuracy.item(), "margin": out.margin.item()}
             return out.loss, stats, torch.cat([chosen, rejected])
