@@ -233,13 +233,14 @@ def test_rows_that_begin_alike_compute_their_prefix_once(variant, recompute):
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
-    # distinct beginnings: nothing to share
+    # distinct beginnings: nothing to share; one shared position (pad or not) of 15: too little to pay
     distinct = tokens.clone()
     distinct[:, P - 1] = torch.arange(B) + 1
     with torch.no_grad():
-        out, rows = rows_into_first_projection(model, tokens=distinct, attention_mask=mask, shared_prefix=P)
-        assert rows == B * T
-        torch.testing.assert_close(out, model(distinct, attention_mask=mask), rtol=0, atol=0)
+        for batch, shared in ((distinct, P), (tokens, 1)):
+            out, rows = rows_into_first_projection(model, tokens=batch, attention_mask=mask, shared_prefix=shared)
+            assert rows == B * T
+            torch.testing.assert_close(out, model(batch, attention_mask=mask), rtol=0, atol=0)
 
 
 def test_a_pairs_two_replies_share_their_prompt():
@@ -261,11 +262,13 @@ def test_a_pairs_two_replies_share_their_prompt():
     P = paired_prefix(tokens, mask)
     assert P == 4  # the shortest prompt (the random replies begin differently)
     model = tiny_model()
-    with torch.no_grad():
-        plain, plain_rows = rows_into_first_projection(model, tokens=tokens, attention_mask=mask)
-        fast, fast_rows = rows_into_first_projection(model, tokens=tokens, attention_mask=mask, shared_prefix=P)
-    assert plain_rows == 6 * T and fast_rows == 3 * P + 6 * (T - P)
-    torch.testing.assert_close(fast[mask], plain[mask], rtol=1e-5, atol=1e-6)
+    for attention_mask in (mask, None):  # the reward stage reads right-padded rows without a mask
+        with torch.no_grad():
+            plain, plain_rows = rows_into_first_projection(model, tokens=tokens, attention_mask=attention_mask)
+            fast, fast_rows = rows_into_first_projection(model, tokens=tokens, attention_mask=attention_mask,
+                                                         shared_prefix=P)
+        assert plain_rows == 6 * T and fast_rows == 3 * P + 6 * (T - P)
+        torch.testing.assert_close(fast[mask], plain[mask], rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_overflow():
