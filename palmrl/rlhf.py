@@ -475,7 +475,8 @@ class OnlineRecipe(ABC):
     def score(self, batch_prompts: list, sequences: Tensor, attention_mask: Tensor, texts: list[str],
               prompt_length: int = 0) -> Tensor:
         """Raw scores (B,) on the CPU: the reward function's, or the reward model's at the last real token
-        (normalised by its held-out mean and std when ppo.normalise_scores)."""
+        (normalised by its held-out mean and std when ppo.normalise_scores); `prompt_length`: the prompt
+        block the model computes once per prompt (PaLM.trunk's shared_prefix)."""
         models = self.models
         if models.reward_fn is not None:
             return torch.tensor([float(s) for s in models.reward_fn([prompt_text(x) for x in batch_prompts], texts)])

@@ -157,7 +157,8 @@ class HFCausalLM(nn.Module):
                 targets: Tensor | None = None, ignore_index: int | None = -100, last_only: bool = False,
                 keep: slice | Tensor | None = None, shared_prefix: int = 0) -> Tensor:
         """Logits (B, T, V), or the last position's (B, 1, V) with `last_only`, or those of the positions
-        `keep` names (as PaLM's); with targets: their mean cross-entropy, chunked as PaLM's (model/loss.py)."""
+        `keep` names (as PaLM's); with targets: their mean cross-entropy, chunked as PaLM's (model/loss.py).
+        `shared_prefix` is accepted as PaLM's forward takes it; every row is computed whole here."""
         hidden = self.trunk(tokens, attention_mask=attention_mask, cache=cache)
         if targets is None:
             return self.logits(kept_positions(hidden, keep, last_only))

@@ -544,9 +544,8 @@ def distinct_prefixes(tokens: Tensor, attention_mask: Tensor | None, P: int) -> 
     B, T = tokens.shape
     if (B - distinct.shape[0]) * P < MIN_SHARED_SAVING * B * T:
         return None
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    first = torch.full((distinct.shape[0],), tokens.shape[0], device=tokens.device).scatter_reduce(
-        0, owner, rows, reduce="amin")
+    rows = torch.arange(B, device=tokens.device)
+    first = torch.full((distinct.shape[0],), B, device=tokens.device).scatter_reduce(0, owner, rows, reduce="amin")
     return first, owner
 
 
