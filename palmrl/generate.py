@@ -14,7 +14,7 @@ The model is called as `model(tokens, attention_mask=, cache=, last_only=True)` 
 (B, 1, V) of the last position (PaLM and the Hugging Face wrapper both do; `new_cache(B, max_len)`
 makes the cache). Rows with the same prompt (RL's several responses to a prompt, best-of-n) fill
 the cache once per distinct prompt, and each row gets a copy of its prompt's keys and values (a
-PaLM's KVCache.rows). `decode_weights` picks what a PaLM's one-token steps multiply by on the CPU
+cache's `select`). `decode_weights` picks what a PaLM's one-token steps multiply by on the CPU
 (model/palm.py, DECODE_WEIGHTS): "fp32" copies of the weights (the default, the logits of the full
 forward to float rounding) or "fp16" ones (FBGEMM, ~2.5x faster matrix products at 8-16 rows on an
 AVX2 CPU, at the cost of fp16-rounded weights).
@@ -215,7 +215,8 @@ class Decoder:
 
     def _prefill(self) -> Tensor:
         """The prompts into a new cache -> their last logits (B, V): once per distinct prompt where the
-        cache can hand its rows out (KVCache.rows), else every row."""
+        cache can hand its rows out (`select`: PaLM's KVCache, the Hugging Face wrapper's HFCache), else
+        every row."""
         # (models implementing only new_cache(B, max_len) decode as they are by default)
         weights = {} if self.decode_weights == "fp32" else {"weights": self.decode_weights}
         max_len = self.prompt_length + self.max_new_tokens
@@ -223,10 +224,10 @@ class Decoder:
         if shared is not None:
             first, owner = shared
             cache = self.model.new_cache(len(first), max_len, **weights)
-            if hasattr(cache, "rows"):
+            if hasattr(cache, "select"):
                 logits = self.model(self.tokens[first], attention_mask=self.prompt_mask[first], cache=cache,
                                     last_only=True)[:, -1]
-                self._cache = cache.rows(owner)
+                self._cache = cache.select(owner)
                 return logits[owner]
         self._cache = self.model.new_cache(self.tokens.shape[0], max_len, **weights)
         return self.model(self.tokens, attention_mask=self.prompt_mask, cache=self._cache, last_only=True)[:, -1]

@@ -288,10 +288,14 @@ def test_two_ranks_zero3_and_resume_on_an_hf_model(sources, tmp_path):
 @pytest.mark.unit
 def test_kv_cache_generation_matches_full_forward(hf_run):
     """Left-padded ragged prompts through the model's own cache give the tokens and logits of
-    recomputing everything at each step."""
+    recomputing everything at each step, also where rows repeat a prompt (prefilled once, then
+    handed to each of its rows by HFCache.select)."""
+    from unittest.mock import patch
+
     from palmrl.checkpoint import load_source
     from palmrl.data.chat import prompt_tokens
     from palmrl.generate import generate
+    from palmrl.model.hf import HFCache
 
     family, source, root = hf_run
     model, tokenizer = load_source({"path": str(source)})
@@ -299,6 +303,14 @@ def test_kv_cache_generation_matches_full_forward(hf_run):
     runs = [generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=None, pad_id=tokenizer.pad_id,
                      use_cache=cache) for cache in (True, False)]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+    repeated = [prompts[i] for i in (1, 0, 1, 2, 0, 1)]
+    selected = []
+    real_select = HFCache.select
+    with patch.object(HFCache, "select", lambda self, index: selected.append(index.tolist()) or real_select(self, index)):
+        shared, whole = [generate(model, repeated, max_new_tokens=6, eos_id=None, pad_id=tokenizer.pad_id,
+                                  generator=torch.Generator().manual_seed(5), use_cache=cache) for cache in (True, False)]
+    assert len(selected) == 1 and len(selected[0]) == 6  # the 3 distinct prompts' cache handed to 6 rows
+    assert torch.equal(shared.sequences, whole.sequences)
     with torch.no_grad():
         full = model(runs[0].sequences, attention_mask=runs[0].attention_mask)
         alone = model(torch.tensor([prompts[0]]))

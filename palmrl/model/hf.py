@@ -184,5 +184,9 @@ class HFCache:
     kv: Any
     mask: Tensor
 
-    def select(self, index: Tensor) -> HFCache:  # pragma: no cover - beam search is not used
-        raise NotImplementedError("HF caches are not reordered by palmrl")
+    def select(self, index: Tensor) -> HFCache:
+        """The cache of rows `index` (B',), in that order, as KVCache.select: a prompt prefilled once,
+        handed to each of its rows. transformers' cache is reordered in place (its reorder_cache, an
+        index_select of every layer), so this HFCache is not used again."""
+        self.kv.reorder_cache(index)
+        return HFCache(self.kv, self.mask[index])

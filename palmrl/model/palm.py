@@ -242,9 +242,9 @@ class KVCache:
     def max_len(self) -> int:
         return self.key_mask.shape[1]
 
-    def rows(self, index: Tensor) -> KVCache:
+    def select(self, index: Tensor) -> KVCache:
         """A cache holding this one's rows `index` (B',), in that order: a prompt prefilled once, handed
-        to each of its rows. Weight copies are shared, not copied."""
+        to each of its rows (generate.py). Weight copies are shared, not copied."""
         out = KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.key_mask[index],
                       self.lengths[index], self.weights, self._copies)
         out.offset, out.rotary = self.offset, self.rotary
