@@ -203,6 +203,24 @@ def _skip_nonfinite_steps(engine) -> None:
     optimizer.step = guarded_step
 
 
+def _one_overflow_check(engine) -> None:
+    """Let DeepSpeed's ZeRO-1/2 optimizer look for NaN/Inf gradients once per bf16 step, not twice.
+
+    In bf16 it first runs a pass over every gradient (`check_overflow`: an amax and an amin each),
+    then computes the global norm for clipping and also marks the step an overflow when that norm is
+    NaN/Inf. A NaN/Inf gradient always makes the norm NaN/Inf, so the first pass never finds a step
+    the second misses: drop it where the second runs (the norm is computed and the states are not
+    offloaded). ~3% of the bench model's bf16 step; the same steps are skipped.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    if (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.dtype == torch.bfloat16
+            and getattr(optimizer, "check_grad_overflow", False) and getattr(optimizer, "compute_grad_norm", False)
+            and not optimizer.cpu_offload):
+        optimizer.check_overflow = lambda partition_gradients=True: None
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What a stage adds to the shared loop's saving and resuming (every field optional)."""
@@ -251,6 +269,7 @@ class Trainer:
         if self.engine.zero_optimization_stage() == 3:
             register_external_reads(module)
         _skip_nonfinite_steps(self.engine)
+        _one_overflow_check(self.engine)
         self.nonfinite_steps = 0   # steps whose loss or gradients were NaN/Inf (their updates were skipped)
         self._nonfinite_streak = 0
         self._signal: str | None = None
