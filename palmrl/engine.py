@@ -71,7 +71,11 @@ def ds_config(cfg: DictConfig, world_size: int, optimizer_steps: int | None = No
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                       "weight_decay": optim.weight_decay, "torch_adam": torch_adam},
+                       "weight_decay": optim.weight_decay, "torch_adam": torch_adam,
+                       # torch's AdamW as one fused pass per tensor, without the full-size temporaries
+                       # of its default loop (sqrt, denominator): on the CPU the bench model's step
+                       # took 14 -> 4 ms; the same values to a float rounding here and there
+                       **({"fused": True} if torch_adam else {})},
         },
         "scheduler": {
             "type": "WarmupCosineLR",

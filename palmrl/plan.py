@@ -41,11 +41,11 @@ from palmrl.model.palm import ModelConfig
 
 GiB = 2**30
 CUDA_OVERHEAD = 2 * GiB  # CUDA context, NCCL buffers, allocator fragmentation: what a real run adds
-# On the CPU, torch's AdamW steps DeepSpeed's flat fp32 partition with full-size temporaries (sqrt,
-# denominator), DeepSpeed copies gradients into its flat buffers, and glibc keeps freed buffers
-# mapped: measured ~44 bytes per trained parameter of peak RSS with ZeRO-1 in fp32 where the GPU
-# accounting gives 24 (scripts/bench_plan_memory.py)
-CPU_EXTRA_PER_TRAINED_PARAM = 20
+# On the CPU, DeepSpeed copies gradients into its flat buffers and glibc keeps freed buffers mapped:
+# measured ~44 bytes per trained parameter of peak RSS with ZeRO-1 in fp32 where the GPU accounting
+# gives 24 (scripts/bench_plan_memory.py) while torch's AdamW ran its default loop, whose full-size
+# temporaries (sqrt, denominator: 8 bytes) its fused form, used since, does not make
+CPU_EXTRA_PER_TRAINED_PARAM = 12
 TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 

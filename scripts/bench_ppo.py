@@ -101,7 +101,7 @@ def child_plain(steps: int, seq_len: int) -> dict:
     config = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "model" / f"{MODEL}.yaml").read_text()))
     torch.manual_seed(0)
     model = PaLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as palmrl's stages on the CPU
     batch = torch.randint(0, config.vocab_size, (PPO["minibatch"], seq_len + 1))  # a PPO minibatch's shape
     for _ in range(steps):
         logits = model(batch[:, :-1])  # (B, T, V)

@@ -81,10 +81,11 @@ def read_bandwidth(repeats: int = 7) -> float:
 # ---- bare model loops (this process) ---------------------------------------------------------
 
 def bf16_mixed(model: torch.nn.Module):
-    """DeepSpeed's bf16 mode in plain PyTorch: bf16 model, fp32 master weights in AdamW."""
+    """DeepSpeed's bf16 mode in plain PyTorch: bf16 model, fp32 master weights in AdamW (torch's fused
+    AdamW here and in every bare loop below: the one palmrl's stages run on the CPU)."""
     master = [p.detach().clone() for p in model.parameters()]
     model.to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(master, lr=1e-4)
+    optimizer = torch.optim.AdamW(master, lr=1e-4, fused=True)
 
     def update():
         for m, p in zip(master, model.parameters()):
@@ -100,7 +101,7 @@ def bf16_mixed(model: torch.nn.Module):
 
 def fp32_adamw(model: torch.nn.Module):
     """fp32 weights, AdamW with gradient clipping (DeepSpeed's fp32 mode)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def update():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,7 +144,7 @@ def bare_reward_step(pairs: int, precision: str):
 def autocast_step(model: torch.nn.Module, loss_fn, precision: str):
     """One step with fp32 weights and AdamW, under bf16 autocast when the precision is bf16: the mode
     both implementations are compared in."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = torch.randint(0, BENCH.vocab_size, (BATCH, SEQ + 1))
 
     def step():

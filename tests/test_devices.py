@@ -235,6 +235,7 @@ def test_adam_follows_the_device(cuda, zero, torch_adam, expected):
     extra = [] if torch_adam is None else [f"optim.torch_adam={str(torch_adam).lower()}"]
     config = ds_config(compose("pretrain", [f"zero={zero}", *extra]), 1, cuda=cuda)
     assert config["optimizer"]["params"]["torch_adam"] is expected
+    assert config["optimizer"]["params"].get("fused", False) is expected  # torch's AdamW runs fused
     assert ("zero_force_ds_cpu_optimizer" in config) == (expected and zero.endswith("offload"))
 
 
