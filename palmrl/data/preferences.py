@@ -347,23 +347,53 @@ def _reply_tokens(tokenizer, prompt: Prompt, reply: str, max_len: int) -> list[i
     return _fit(rendered.tokens, max_len, tokenizer.bos_id)
 
 
-def _pad(rows: Sequence[list[int]], pad_id: int, T: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: Sequence[list[int] | torch.Tensor], pad_id: int, T: int,
+         left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, row in enumerate(rows):
         span = slice(T - len(row), T) if left else slice(0, len(row))
-        tokens[b, span] = torch.tensor(row, dtype=torch.long)
+        tokens[b, span] = torch.as_tensor(row, dtype=torch.long)
         mask[b, span] = True
     return tokens, mask
 
 
-def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> PairBatch:
-    """Render both halves with the chat template; over-long rows keep bos and their last tokens."""
-    chosen = [_reply_tokens(tokenizer, p.prompt, p.chosen, max_len) for p in pairs]
-    rejected = [_reply_tokens(tokenizer, p.prompt, p.rejected, max_len) for p in pairs]
+class TokenizedPair(NamedTuple):
+    """A pair's two conversations as `collate_pairs` renders them, fitted to max_len."""
+
+    chosen: torch.Tensor  # (n,) int32
+    rejected: torch.Tensor  # (m,) int32
+
+
+class TokenizedRating(NamedTuple):
+    """A rated conversation as `collate_ratings` renders it, and its 0-based rating class."""
+
+    tokens: torch.Tensor  # (n,) int32
+    label: int
+
+
+def _reply_row(tokenizer, prompt: Prompt, reply: str, max_len: int) -> torch.Tensor:
+    return torch.tensor(_reply_tokens(tokenizer, prompt, reply, max_len), dtype=torch.int32)
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> list[TokenizedPair]:
+    """Render both halves of every pair with the chat template; over-long rows keep bos and their
+    last tokens. The reward stage does this once, before its first step, like SFT's examples."""
+    return [TokenizedPair(_reply_row(tokenizer, p.prompt, p.chosen, max_len),
+                          _reply_row(tokenizer, p.prompt, p.rejected, max_len)) for p in pairs]
+
+
+def tokenize_ratings(tokenizer, rated: Sequence[RatedResponse], max_len: int) -> list[TokenizedRating]:
+    """Rated replies rendered like pair halves; labels are 0-based rating classes."""
+    return [TokenizedRating(_reply_row(tokenizer, r.prompt, r.response, max_len), r.rating - 1) for r in rated]
+
+
+def collate_tokenized_pairs(rows: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
+    """Right-pad both halves of tokenized pairs to one length."""
+    chosen, rejected = [r.chosen for r in rows], [r.rejected for r in rows]
     T = max(len(row) for row in chosen + rejected)
-    chosen_tokens, chosen_mask = _pad(chosen, tokenizer.pad_id, T)
-    rejected_tokens, rejected_mask = _pad(rejected, tokenizer.pad_id, T)
+    chosen_tokens, chosen_mask = _pad(chosen, pad_id, T)
+    rejected_tokens, rejected_mask = _pad(rejected, pad_id, T)
     return PairBatch(
         chosen_tokens,
         chosen_mask,
@@ -374,9 +404,18 @@ def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> P
     )
 
 
+def collate_tokenized_ratings(rows: Sequence[TokenizedRating], pad_id: int) -> RatingBatch:
+    """Right-pad tokenized rated replies."""
+    tokens, mask = _pad([r.tokens for r in rows], pad_id, max(len(r.tokens) for r in rows))
+    last = torch.tensor([len(r.tokens) - 1 for r in rows], dtype=torch.long)
+    return RatingBatch(tokens, mask, last, torch.tensor([r.label for r in rows], dtype=torch.long))
+
+
+def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_len: int) -> PairBatch:
+    """Render both halves with the chat template; over-long rows keep bos and their last tokens."""
+    return collate_tokenized_pairs(tokenize_pairs(tokenizer, pairs, max_len), tokenizer.pad_id)
+
+
 def collate_ratings(tokenizer, rated: Sequence[RatedResponse], max_len: int) -> RatingBatch:
     """Rated replies rendered like pair halves; labels are 0-based rating classes."""
-    rows = [_reply_tokens(tokenizer, r.prompt, r.response, max_len) for r in rated]
-    tokens, mask = _pad(rows, tokenizer.pad_id, max(len(row) for row in rows))
-    last = torch.tensor([len(row) - 1 for row in rows], dtype=torch.long)
-    return RatingBatch(tokens, mask, last, torch.tensor([r.rating - 1 for r in rated], dtype=torch.long))
+    return collate_tokenized_ratings(tokenize_ratings(tokenizer, rated, max_len), tokenizer.pad_id)
