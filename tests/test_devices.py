@@ -236,6 +236,9 @@ def test_adam_follows_the_device(cuda, zero, torch_adam, expected):
     config = ds_config(compose("pretrain", [f"zero={zero}", *extra]), 1, cuda=cuda)
     assert config["optimizer"]["params"]["torch_adam"] is expected
     assert config["optimizer"]["params"].get("fused", False) is expected  # torch's AdamW runs fused
+    # one process sums its gradients (the mean over one rank, without dividing every bucket by 1)
+    assert config.get("gradient_allreduce_op", "mean") == ("mean" if zero.startswith("stage3") else "sum")
+    assert ds_config(compose("pretrain", [f"zero={zero}", *extra]), 2, cuda=cuda).get("gradient_allreduce_op") is None
     assert ("zero_force_ds_cpu_optimizer" in config) == (expected and zero.endswith("offload"))
 
 
