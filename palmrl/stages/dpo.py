@@ -119,11 +119,24 @@ def reply_rows(tokenizer, prompt, reply: str, max_len: int) -> tuple[list[int], 
     return tokens, mask
 
 
-def collate(tokenizer, pairs: list[PreferencePair], max_len: int) -> PairTokens:
-    rows = [reply_rows(tokenizer, p.prompt, p.chosen, max_len) for p in pairs]
-    rows += [reply_rows(tokenizer, p.prompt, p.rejected, max_len) for p in pairs]
+class PairRows(NamedTuple):
+    """A pair's chosen and rejected (tokens, reply mask), as `reply_rows` renders them."""
+
+    chosen: tuple[list[int], list[bool]]
+    rejected: tuple[list[int], list[bool]]
+
+
+def pair_rows(tokenizer, pairs: list[PreferencePair], max_len: int) -> list[PairRows]:
+    """Every pair rendered once: the stage does this before its first step (and once per on-policy
+    round), not at every step and evaluation."""
+    return [PairRows(reply_rows(tokenizer, p.prompt, p.chosen, max_len),
+                     reply_rows(tokenizer, p.prompt, p.rejected, max_len)) for p in pairs]
+
+
+def collate(rows: list[PairRows], pad_id: int) -> PairTokens:
+    rows = [r.chosen for r in rows] + [r.rejected for r in rows]
     T = max(len(tokens) for tokens, _ in rows)
-    tokens = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention = torch.zeros(len(rows), T, dtype=torch.bool)
     reply = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, (row, mask) in enumerate(rows):
@@ -186,6 +199,9 @@ class DPORecipe:
 
         self.train_pairs, self.stats = load_preference_pairs(cfg.data, "train")
         self.val_pairs, _ = load_preference_pairs(cfg.data, "val")
+        # on-policy rounds render their own pairs; the data's pairs then only give the prompts
+        self.train_rows = [] if self.dpo.on_policy else pair_rows(self.tokenizer, self.train_pairs, settings.max_len)
+        self.val_rows = pair_rows(self.tokenizer, self.val_pairs, settings.max_len)
         micro = int(cfg.train.micro_batch_size)
         self.order = ShuffledBatches(self.train_pairs, batch_size=micro, pad_id=self.tokenizer.pad_id,
                                      seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size)
@@ -197,7 +213,7 @@ class DPORecipe:
         if self.dpo.on_policy:
             self.facts.update(reward=cfg.get("reward"), reward_fn=cfg.get("reward_fn"))
         self.prompt_pool = list({json.dumps(p.prompt): p.prompt for p in self.train_pairs}.values())  # in order
-        self.rounds: dict[int, tuple[list[PreferencePair], Tensor]] = {}
+        self.rounds: dict[int, tuple[list[PairRows], Tensor]] = {}
         self.trainer = Trainer(cfg, self.dist, self.module, stage="dpo", model_config=self.model_config.to_dict(),
                                tokenizer=self.tokenizer, parent=self.parent,
                                tokens_per_step=2 * micro * int(cfg.train.grad_accum) * self.dist.world_size
@@ -217,12 +233,12 @@ class DPORecipe:
         return digest.hexdigest()
 
     @torch.no_grad()
-    def compute_reference(self, pairs: list[PreferencePair]) -> Tensor:
+    def compute_reference(self, rows: list[PairRows]) -> Tensor:
         """(N, 2) summed reply log-probs of chosen and rejected under the starting policy."""
         micro, out = int(self.cfg.train.micro_batch_size), []
         self.module.eval()
-        for start in range(0, len(pairs), micro):
-            batch = self.to_device(collate(self.tokenizer, pairs[start:start + micro], self.settings.max_len))
+        for start in range(0, len(rows), micro):
+            batch = self.to_device(collate(rows[start:start + micro], self.tokenizer.pad_id))
             logps = self.engine(batch.tokens, batch.attention_mask, batch.reply_mask, scope=None)  # adapters off
             out.append(logps.float().view(2, -1).T.cpu())
         self.module.train()
@@ -251,9 +267,9 @@ class DPORecipe:
         if self.trainer.will_resume():
             raise UserError(f"resume: {path} is missing or does not match this run's pairs; the reference "
                             f"cannot be recomputed from a policy that has trained (overwrite=true starts afresh)")
-        train = self.train_pairs if not self.dpo.on_policy else []  # on_policy: each round computes its own
+        train = self.train_rows  # on_policy: none; each round computes its own
         self.reference = {"train": self.compute_reference(train) if train else torch.zeros(0, 2),
-                          "val": self.compute_reference(self.val_pairs)}
+                          "val": self.compute_reference(self.val_rows)}
         self.facts["reference"] = {"file": REFERENCE_FILE, "computed": True}
         if self.dist.is_main:
             tmp = path.with_name(f".{path.name}.tmp")
@@ -290,8 +306,8 @@ class DPORecipe:
     def round_of(self, step: int) -> int:
         return (step - 1) // self.dpo.round_steps
 
-    def round_data(self, step: int) -> tuple[list[PreferencePair], Tensor]:
-        """Round r's pairs and reference log-probs: from memory, from the run folder (a resumed run), or
+    def round_data(self, step: int) -> tuple[list[PairRows], Tensor]:
+        """Round r's pairs (rendered) and reference log-probs: from memory, from the run folder (a resumed run), or
         sampled now — only at the round's first step, when the policy is the one the round starts from."""
         r = self.round_of(step)
         if r in self.rounds:
@@ -302,13 +318,14 @@ class DPORecipe:
         if pairs_file.is_file() and ref_file.is_file():
             saved = json.loads(pairs_file.read_text())
             pairs = [PreferencePair(p["prompt"], p["chosen"], p["rejected"]) for p in saved["pairs"]]
-            self.rounds[r] = (pairs, load_file(ref_file)["reference"])
+            self.rounds[r] = (pair_rows(self.tokenizer, pairs, self.settings.max_len), load_file(ref_file)["reference"])
             return self.rounds[r]
         if step != r * self.dpo.round_steps + 1:
             raise UserError(f"resume: {pairs_file} is missing; round {r}'s pairs came from the policy at its start "
                             f"and cannot be sampled again (overwrite=true starts afresh)")
         pairs, gap = self.sample_pairs(r)
-        reference = self.compute_reference(pairs)
+        rows = pair_rows(self.tokenizer, pairs, self.settings.max_len)
+        reference = self.compute_reference(rows)
         if self.dist.is_main:
             folder.mkdir(exist_ok=True)
             tmp = ref_file.with_name(f".{ref_file.name}.tmp")
@@ -316,7 +333,7 @@ class DPORecipe:
             tmp.replace(ref_file)
             write_atomic(pairs_file, json.dumps({"round": r, "score_gap": gap, "pairs": [
                 {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]}) + "\n")
-        self.rounds[r] = (pairs, reference)
+        self.rounds[r] = (rows, reference)
         return self.rounds[r]
 
     @torch.no_grad()
@@ -352,10 +369,10 @@ class DPORecipe:
     def to_device(self, batch: PairTokens) -> PairTokens:
         return PairTokens(*(t.to(self.dist.device) for t in batch))
 
-    def loss(self, pairs: list[PreferencePair], reference: Tensor | None) -> tuple[Tensor, rl.DPOLoss, dict,
-                                                                                    Tensor, Tensor | None]:
+    def loss(self, rows: list[PairRows], reference: Tensor | None) -> tuple[Tensor, rl.DPOLoss, dict,
+                                                                             Tensor, Tensor | None]:
         """(total loss, the preference loss's parts, scalar stats, reply log-probs (2B,), reference (B, 2))."""
-        batch = self.to_device(collate(self.tokenizer, pairs, self.settings.max_len))
+        batch = self.to_device(collate(rows, self.tokenizer.pad_id))
         logps = self.engine(batch.tokens, batch.attention_mask, batch.reply_mask)
         chosen, rejected = logps.chunk(2)
         lengths = batch.lengths.chunk(2)
@@ -372,12 +389,12 @@ class DPORecipe:
                  "logp_chosen": chosen_mean, "logp_rejected": rejected_mean}
         return total, out, stats, logps.detach(), ref
 
-    def batch(self, step: int, micro_step: int) -> tuple[list[PreferencePair], Tensor | None, dict]:
+    def batch(self, step: int, micro_step: int) -> tuple[list[PairRows], Tensor | None, dict]:
         """This micro-step's pairs and reference: the data's (a pure function of the step), or the round's."""
         accum = self.trainer.train.grad_accum
         if not self.dpo.on_policy:
             idx = self.order.indices((step - 1) * accum + micro_step)
-            return [self.train_pairs[i] for i in idx], self.reference["train"][idx] if self.reference else None, {}
+            return [self.train_rows[i] for i in idx], self.reference["train"][idx] if self.reference else None, {}
         pairs, reference = self.round_data(step)
         r, micro = self.round_of(step), int(self.cfg.train.micro_batch_size)
         shuffle = torch.Generator(device="cpu").manual_seed(int(self.cfg.seed) + r)  # the round's order, every rank
@@ -389,8 +406,8 @@ class DPORecipe:
     def step(self, step: int) -> dict:
         accum, totals = self.trainer.train.grad_accum, {}
         for micro_step in range(accum):
-            pairs, reference, extra = self.batch(step, micro_step)
-            total, _, stats, _, _ = self.loss(pairs, reference)
+            rows, reference, extra = self.batch(step, micro_step)
+            total, _, stats, _, _ = self.loss(rows, reference)
             stats.update(extra)
             self.trainer.backward_step(total)
             for k, v in stats.items():
@@ -399,7 +416,7 @@ class DPORecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        micro, pairs = int(self.cfg.train.micro_batch_size), self.val_pairs
+        micro, pairs = int(self.cfg.train.micro_batch_size), self.val_rows
         sums: dict[str, float] = {}
         for start in range(0, len(pairs), micro):
             chunk = list(range(start, min(start + micro, len(pairs))))
