@@ -120,17 +120,19 @@ def reply_rows(tokenizer, prompt, reply: str, max_len: int) -> tuple[list[int], 
 
 
 class PairRows(NamedTuple):
-    """A pair's chosen and rejected (tokens, reply mask), as `reply_rows` renders them."""
+    """A pair's chosen and rejected (tokens int32, reply mask bool), as `reply_rows` renders them."""
 
-    chosen: tuple[list[int], list[bool]]
-    rejected: tuple[list[int], list[bool]]
+    chosen: tuple[Tensor, Tensor]
+    rejected: tuple[Tensor, Tensor]
 
 
 def pair_rows(tokenizer, pairs: list[PreferencePair], max_len: int) -> list[PairRows]:
     """Every pair rendered once: the stage does this before its first step (and once per on-policy
-    round), not at every step and evaluation."""
-    return [PairRows(reply_rows(tokenizer, p.prompt, p.chosen, max_len),
-                     reply_rows(tokenizer, p.prompt, p.rejected, max_len)) for p in pairs]
+    round), not at every step and evaluation. Kept as small tensors, as the reward stage keeps its."""
+    def row(prompt, reply: str) -> tuple[Tensor, Tensor]:
+        tokens, mask = reply_rows(tokenizer, prompt, reply, max_len)
+        return torch.tensor(tokens, dtype=torch.int32), torch.tensor(mask, dtype=torch.bool)
+    return [PairRows(row(p.prompt, p.chosen), row(p.prompt, p.rejected)) for p in pairs]
 
 
 def collate(rows: list[PairRows], pad_id: int) -> PairTokens:
@@ -140,9 +142,9 @@ def collate(rows: list[PairRows], pad_id: int) -> PairTokens:
     attention = torch.zeros(len(rows), T, dtype=torch.bool)
     reply = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, (row, mask) in enumerate(rows):
-        tokens[b, :len(row)] = torch.tensor(row)
+        tokens[b, :len(row)] = row
         attention[b, :len(row)] = True
-        reply[b, :len(row)] = torch.tensor(mask)
+        reply[b, :len(row)] = mask
     return PairTokens(tokens, attention, reply, reply.sum(1))
 
 
@@ -395,13 +397,13 @@ class DPORecipe:
         if not self.dpo.on_policy:
             idx = self.order.indices((step - 1) * accum + micro_step)
             return [self.train_rows[i] for i in idx], self.reference["train"][idx] if self.reference else None, {}
-        pairs, reference = self.round_data(step)
+        rows, reference = self.round_data(step)
         r, micro = self.round_of(step), int(self.cfg.train.micro_batch_size)
         shuffle = torch.Generator(device="cpu").manual_seed(int(self.cfg.seed) + r)  # the round's order, every rank
-        order = torch.randperm(len(pairs), generator=shuffle).tolist()
+        order = torch.randperm(len(rows), generator=shuffle).tolist()
         k = ((step - 1) % self.dpo.round_steps * accum + micro_step) * self.dist.world_size + self.dist.rank
-        idx = [order[(k * micro + j) % len(pairs)] for j in range(micro)]
-        return [pairs[i] for i in idx], reference[idx], {"round": r, "round_pairs": len(pairs)}
+        idx = [order[(k * micro + j) % len(rows)] for j in range(micro)]
+        return [rows[i] for i in idx], reference[idx], {"round": r, "round_pairs": len(rows)}
 
     def step(self, step: int) -> dict:
         accum, totals = self.trainer.train.grad_accum, {}
@@ -416,17 +418,17 @@ class DPORecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        micro, pairs = int(self.cfg.train.micro_batch_size), self.val_rows
+        micro, rows = int(self.cfg.train.micro_batch_size), self.val_rows
         sums: dict[str, float] = {}
-        for start in range(0, len(pairs), micro):
-            chunk = list(range(start, min(start + micro, len(pairs))))
+        for start in range(0, len(rows), micro):
+            chunk = list(range(start, min(start + micro, len(rows))))
             reference = self.reference["val"][chunk] if self.reference else None
-            _, _, row, logps, ref = self.loss([pairs[i] for i in chunk], reference)
+            _, _, row, logps, ref = self.loss([rows[i] for i in chunk], reference)
             if ref is not None:  # mean log π − log π_ref of a reply: how far the policy moved on this data
                 row["drift"] = (logps - torch.cat([ref[:, 0], ref[:, 1]])).mean().item()
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v * len(chunk)
-        metrics = {k: v / len(pairs) for k, v in sums.items()}
+        metrics = {k: v / len(rows) for k, v in sums.items()}
         if self.task_examples:
             metrics.update(self.task_metrics(ACTOR))
         return metrics
